@@ -1,0 +1,3 @@
+"""Custos: device management — server, agent, CLI."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Users, API tokens and (later) roles, LDAP and the audit log."""

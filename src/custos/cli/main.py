@@ -1,0 +1,35 @@
+"""Entry point of the `custos` command."""
+
+from __future__ import annotations
+
+import typer
+
+from custos import __version__
+
+
+def build_app() -> typer.Typer:
+    """The Typer application with every command group registered."""
+    from custos.cli import admin_cmds, agent_cmd, demo_cmd, server_cmd
+
+    app = typer.Typer(
+        help="Custos device management: server, agent and admin commands.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
+
+    @app.command("version")
+    def version() -> None:
+        """Print the version."""
+        typer.echo(__version__)
+
+    server_cmd.register(app)
+    admin_cmds.register(app)
+    agent_cmd.register(app)
+    demo_cmd.register(app)
+    return app
+
+
+def main() -> None:
+    """Run the CLI."""
+    build_app()()

@@ -1,0 +1,1 @@
+"""The command queue: remote execution, scripts, reboot, settings, file collection."""

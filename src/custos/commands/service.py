@@ -1,0 +1,365 @@
+"""Use cases for the command queue: queue, deliver exactly once, record results, uploads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from custos.commands.models import Command, CommandRun, Upload
+from custos.commands.schemas import (
+    CommandCreate,
+    CommandDetail,
+    CommandOut,
+    DeliveredCommand,
+    RunOut,
+    RunResult,
+    UploadStart,
+    UploadState,
+)
+from custos.db.base import new_id, utcnow
+from custos.db.engine import Database
+from custos.devices.models import Device
+from custos.devices.service import resolve_target
+from custos.errors import Conflict, Invalid, NotFound, TooLarge
+
+PENDING = ("queued", "sent")
+TERMINAL = ("succeeded", "failed", "interrupted", "expired", "rejected", "cancelled")
+RUN_ID_CHARS = set("0123456789abcdef")
+
+
+def _counts(rows: Sequence[tuple[str, int]]) -> dict[str, int]:
+    return {state: n for state, n in rows}
+
+
+class CommandService:
+    """Queues commands for devices and records what they report."""
+
+    def __init__(self, db: Database, upload_dir: Path, max_output: int) -> None:
+        self.db = db
+        self.upload_dir = upload_dir
+        self.max_output = max_output
+
+    async def create(self, req: CommandCreate, created_by: str) -> CommandDetail:
+        """One command, one run per target device, in one transaction."""
+        async with self.db.transaction() as uow:
+            s = uow.session
+            device_ids = await resolve_target(s, req.target)
+            now = utcnow()
+            if req.expires_at is not None and req.expires_at <= now:
+                raise Invalid("expires_at is in the past")
+            cmd = Command(
+                id=new_id(),
+                kind=req.kind,
+                payload=req.payload(),
+                target=req.target,
+                created_by=created_by,
+                created_at=now,
+                not_before=req.not_before,
+                expires_at=req.expires_at,
+            )
+            s.add(cmd)
+            await s.flush()
+            await s.execute(
+                CommandRun.__table__.insert(),
+                [
+                    {
+                        "id": new_id(),
+                        "command_id": cmd.id,
+                        "device_id": d,
+                        "state": "queued",
+                        "deliveries": 0,
+                        "created_at": now,
+                        "stdout": "",
+                        "stderr": "",
+                        "truncated": False,
+                        "result": {},
+                    }
+                    for d in device_ids
+                ],
+            )
+            command_id = cmd.id
+        return await self.show(command_id)
+
+    async def list_commands(self, *, limit: int, offset: int) -> list[CommandOut]:
+        """Commands, newest first, with run counts by state (two queries)."""
+        async with self.db.read() as s:
+            cmds = (
+                await s.scalars(
+                    select(Command).order_by(Command.created_at.desc(), Command.id).limit(limit).offset(offset)
+                )
+            ).all()
+            ids = [c.id for c in cmds]
+            counts: dict[str, dict[str, int]] = {i: {} for i in ids}
+            if ids:
+                for cid, state, n in (
+                    await s.execute(
+                        select(CommandRun.command_id, CommandRun.state, func.count())
+                        .where(CommandRun.command_id.in_(ids))
+                        .group_by(CommandRun.command_id, CommandRun.state)
+                    )
+                ).all():
+                    counts[cid][state] = n
+        return [self._out(c, counts[c.id]) for c in cmds]
+
+    @staticmethod
+    def _out(c: Command, counts: dict[str, int]) -> CommandOut:
+        return CommandOut(
+            id=c.id,
+            kind=c.kind,
+            payload=c.payload,
+            target=c.target,
+            created_by=c.created_by,
+            created_at=c.created_at,
+            not_before=c.not_before,
+            expires_at=c.expires_at,
+            counts=counts,
+        )
+
+    async def show(self, command_id: str) -> CommandDetail:
+        """A command and all its runs."""
+        async with self.db.read() as s:
+            c = await s.get(Command, command_id)
+            if c is None:
+                raise NotFound(f"no command {command_id!r}")
+            rows = (
+                await s.execute(
+                    select(CommandRun, Device.name)
+                    .join(Device, Device.id == CommandRun.device_id)
+                    .where(CommandRun.command_id == command_id)
+                    .order_by(Device.name)
+                )
+            ).all()
+        runs = [self._run_out(r, name) for r, name in rows]
+        counts: dict[str, int] = {}
+        for r in runs:
+            counts[r.state] = counts.get(r.state, 0) + 1
+        return CommandDetail(**self._out(c, counts).model_dump(), runs=runs)
+
+    @staticmethod
+    def _run_out(r: CommandRun, name: str) -> RunOut:
+        return RunOut(
+            id=r.id,
+            command_id=r.command_id,
+            device_id=r.device_id,
+            device_name=name,
+            state=r.state,
+            deliveries=r.deliveries,
+            created_at=r.created_at,
+            delivered_at=r.delivered_at,
+            started_at=r.started_at,
+            finished_at=r.finished_at,
+            received_at=r.received_at,
+            exit_code=r.exit_code,
+            stdout=r.stdout,
+            stderr=r.stderr,
+            truncated=r.truncated,
+            error=r.error,
+            result=r.result,
+        )
+
+    # --- device side (called by the check-in, inside its transaction) ---
+
+    async def take_pending(self, s: AsyncSession, device_id: str, limit: int) -> list[DeliveredCommand]:
+        """Runs to hand to the device now, marked sent; expired ones are closed instead."""
+        now = utcnow()
+        rows = (
+            await s.execute(
+                select(CommandRun, Command)
+                .join(Command, Command.id == CommandRun.command_id)
+                .where(CommandRun.device_id == device_id, CommandRun.state.in_(PENDING))
+                .order_by(CommandRun.created_at, CommandRun.id)
+                .limit(limit)
+            )
+        ).all()
+        out = []
+        for run, cmd in rows:
+            if cmd.expires_at is not None and cmd.expires_at <= now:
+                run.state = "expired"
+                run.finished_at = now
+                continue
+            if cmd.not_before is not None and cmd.not_before > now:
+                continue
+            run.state = "sent"
+            run.deliveries += 1
+            run.delivered_at = run.delivered_at or now
+            out.append(
+                DeliveredCommand(
+                    run_id=run.id,
+                    kind=cmd.kind,
+                    payload=cmd.payload,
+                    not_before=cmd.not_before,
+                    expires_at=cmd.expires_at,
+                )
+            )
+        return out
+
+    async def acknowledge(self, s: AsyncSession, device_id: str, run_ids: Sequence[str]) -> None:
+        """The agent has the runs in its local queue: stop re-sending them."""
+        if run_ids:
+            await s.execute(
+                update(CommandRun)
+                .where(
+                    CommandRun.device_id == device_id,
+                    CommandRun.id.in_(list(run_ids)),
+                    CommandRun.state.in_(PENDING),
+                )
+                .values(state="acked")
+                .execution_options(synchronize_session=False)
+            )
+
+    async def record_results(
+        self, s: AsyncSession, device_id: str, results: Sequence[RunResult]
+    ) -> list[str]:
+        """Store results idempotently; returns the run ids the agent may drop from its outbox."""
+        if not results:
+            return []
+        ids = [r.run_id for r in results]
+        runs = {
+            r.id: r
+            for r in (
+                await s.scalars(
+                    select(CommandRun).where(CommandRun.id.in_(ids), CommandRun.device_id == device_id)
+                )
+            ).all()
+        }
+        accepted = []
+        now = utcnow()
+        for res in results:
+            run = runs.get(res.run_id)
+            accepted.append(res.run_id)  # unknown or foreign ids are dropped, never retried
+            if run is None or run.state in TERMINAL:
+                continue
+            run.state = res.state
+            run.exit_code = res.exit_code
+            run.stdout = res.stdout[: self.max_output + 200]
+            run.stderr = res.stderr[: self.max_output + 200]
+            run.truncated = res.truncated or len(res.stdout) > self.max_output + 200
+            run.error = res.error
+            run.started_at = res.started_at
+            run.finished_at = res.finished_at or now
+            run.received_at = now
+            run.result = res.result
+        return accepted
+
+    async def expire_overdue(self) -> int:
+        """Close pending runs whose command has expired (a periodic job)."""
+        now = utcnow()
+        async with self.db.transaction() as uow:
+            expired_cmds = select(Command.id).where(Command.expires_at <= now)
+            res = await uow.session.execute(
+                update(CommandRun)
+                .where(CommandRun.state.in_(PENDING), CommandRun.command_id.in_(expired_cmds))
+                .values(state="expired", finished_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+    # --- file collection ---
+
+    def _upload_path(self, run_id: str) -> Path:
+        # the name comes from a validated run id, never from the device's path
+        if len(run_id) != 32 or not set(run_id) <= RUN_ID_CHARS:
+            raise NotFound("no such run")
+        return self.upload_dir / run_id
+
+    async def _collect_run(
+        self, s: AsyncSession, device_id: str, run_id: str
+    ) -> tuple[CommandRun, int]:
+        self._upload_path(run_id)
+        row = (
+            await s.execute(
+                select(CommandRun, Command.kind, Command.payload)
+                .join(Command, Command.id == CommandRun.command_id)
+                .where(CommandRun.id == run_id, CommandRun.device_id == device_id)
+            )
+        ).first()
+        if row is None or row[1] != "collect_file":
+            raise NotFound("no collect_file run with that id for this device")
+        run = row[0]
+        if run.state in TERMINAL:
+            raise Conflict(f"run is already {run.state}")
+        return run, int(row[2].get("max_bytes", 0))
+
+    async def start_upload(self, device_id: str, run_id: str, req: UploadStart, limit: int) -> UploadState:
+        """Announce an upload (idempotent: a restarted agent gets the current offset back)."""
+        async with self.db.transaction() as uow:
+            s = uow.session
+            _run, max_bytes = await self._collect_run(s, device_id, run_id)
+            if req.size > min(limit, max_bytes):
+                raise TooLarge(
+                    f"file is {req.size} bytes; the limit for this collection is "
+                    f"{min(limit, max_bytes)}"
+                )
+            up = await s.get(Upload, run_id)
+            if up is not None and (up.size != req.size or up.sha256 != req.sha256):
+                # the file changed since the first attempt: start over
+                await s.delete(up)
+                await s.flush()
+                up = None
+            if up is None:
+                up = Upload(run_id=run_id, source_path=req.source_path, size=req.size, sha256=req.sha256)
+                s.add(up)
+                path = self._upload_path(run_id)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"")
+                if req.size == 0:
+                    up.complete = True
+            await s.flush()
+            return UploadState(run_id=run_id, size=up.size, received=up.received, complete=up.complete)
+
+    async def append_upload(self, device_id: str, run_id: str, offset: int, chunk: bytes) -> UploadState:
+        """Append a chunk at exactly `offset`; the last one is checked against the hash."""
+        async with self.db.transaction() as uow:
+            s = uow.session
+            await self._collect_run(s, device_id, run_id)
+            up = await s.get(Upload, run_id, with_for_update=True)
+            if up is None:
+                raise NotFound("upload not started")
+            if up.complete:
+                return UploadState(run_id=run_id, size=up.size, received=up.received, complete=True)
+            if offset != up.received:
+                raise Conflict(f"expected offset {up.received}", code="offset_mismatch")
+            if offset + len(chunk) > up.size:
+                raise TooLarge("chunk goes past the announced size")
+            path = self._upload_path(run_id)
+            with path.open("r+b") as fh:
+                fh.truncate(offset)
+                fh.seek(offset)
+                fh.write(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            up.received = offset + len(chunk)
+            if up.received == up.size:
+                digest = await _sha256_file(path)
+                if digest != up.sha256:
+                    up.received = 0
+                    raise Conflict("file hash does not match; upload restarted", code="hash_mismatch")
+                up.complete = True
+            return UploadState(run_id=run_id, size=up.size, received=up.received, complete=up.complete)
+
+    async def upload_file(self, run_id: str) -> tuple[Path, Upload]:
+        """The stored file of a completed collection, for download by an admin."""
+        async with self.db.read() as s:
+            up = await s.get(Upload, run_id) if len(run_id) == 32 else None
+        if up is None or not up.complete:
+            raise NotFound("no completed upload for that run")
+        return self._upload_path(run_id), up
+
+
+async def _sha256_file(path: Path) -> str:
+    import asyncio
+
+    def _hash() -> str:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    return await asyncio.to_thread(_hash)
+

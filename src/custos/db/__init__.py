@@ -1,0 +1,1 @@
+"""Database engine, session factory, declarative base and unit of work."""

@@ -1,0 +1,83 @@
+"""Engine and session factory, built in the app's lifespan from Settings (never at import)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    """An async engine; SQLite gets WAL, foreign keys and a busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+class UnitOfWork:
+    """One transaction; callbacks registered with after_commit run only once it has committed."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self._after_commit: list[Callable[[], Any]] = []
+
+    def after_commit(self, fn: Callable[[], Any]) -> None:
+        """Run fn after a successful commit (push wake-ups, cache invalidation)."""
+        self._after_commit.append(fn)
+
+    def run_after_commit(self) -> None:
+        """Fire the registered callbacks; failures in one do not stop the others."""
+        for fn in self._after_commit:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a side effect must never undo a commit
+                import logging
+
+                logging.getLogger(__name__).exception("after-commit hook failed")
+        self._after_commit.clear()
+
+
+class Database:
+    """Holds the engine and hands out units of work."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        """'sqlite' or 'postgresql'."""
+        return self.engine.dialect.name
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[UnitOfWork]:
+        """A unit of work that commits on success, rolls back on error, then fires hooks."""
+        async with self.sessionmaker() as session:
+            uow = UnitOfWork(session)
+            async with session.begin():
+                yield uow
+            uow.run_after_commit()
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads only."""
+        async with self.sessionmaker() as session:
+            yield session
+
+    async def dispose(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()

@@ -1,0 +1,15 @@
+"""Every feature package's models, imported so Base.metadata knows all tables (for Alembic)."""
+
+from __future__ import annotations
+
+from sqlalchemy import MetaData
+
+
+def load_metadata() -> MetaData:
+    """Import the model modules and return the shared metadata."""
+    from custos.accounts import models as _accounts  # noqa: F401
+    from custos.commands import models as _commands  # noqa: F401
+    from custos.db.base import Base
+    from custos.devices import models as _devices  # noqa: F401
+
+    return Base.metadata

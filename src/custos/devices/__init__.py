@@ -1,0 +1,1 @@
+"""Enrolment, device identity (built-in CA), inventory, groups and check-in."""

@@ -1,0 +1,58 @@
+"""Domain errors that services raise; the server maps each to an HTTP status."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """A refusal with a stable machine-readable code and a human reason."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, detail: str, *, code: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code:
+            self.code = code
+
+
+class Invalid(DomainError):
+    """The request is well-formed but its content is not acceptable."""
+
+    status = 422
+    code = "invalid"
+
+
+class Unauthorized(DomainError):
+    """No valid credentials."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(DomainError):
+    """Valid credentials, but the action is refused."""
+
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(DomainError):
+    """The thing named does not exist."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(DomainError):
+    """The request contradicts the current state."""
+
+    status = 409
+    code = "conflict"
+
+
+class TooLarge(DomainError):
+    """A size limit was exceeded."""
+
+    status = 413
+    code = "too_large"

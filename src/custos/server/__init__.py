@@ -1,0 +1,1 @@
+"""App factory, lifespan, shared HTTP plumbing and the background job runner."""

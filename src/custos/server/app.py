@@ -1,0 +1,76 @@
+"""The app factory: one FastAPI app from one Settings object; everything built in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from custos import __version__
+from custos.accounts import routes as account_routes
+from custos.commands import routes as command_routes
+from custos.db.engine import Database
+from custos.devices import routes as device_routes
+from custos.server.bootstrap import bootstrap
+from custos.server.container import Services
+from custos.server.http import BodyLimit, install_error_handlers
+from custos.server.jobs import JobRunner
+from custos.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the ASGI app; the database, CA and jobs start in the lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings.database_url)
+        boot = await bootstrap(settings, db)
+        svc = Services.build(settings, db, boot.ca)
+        app.state.services = svc
+        jobs = JobRunner()
+        jobs.every(settings.last_seen_flush_s, "flush-last-seen", svc.checkin.flush_last_seen)
+        jobs.every(30, "expire-commands", svc.commands.expire_overdue)
+        jobs.start()
+        try:
+            yield
+        finally:
+            await jobs.stop()
+            try:
+                await svc.checkin.flush_last_seen()
+            except Exception:
+                log.exception("final last-seen flush failed")
+            await db.dispose()
+
+    app = FastAPI(
+        title="Custos",
+        version=__version__,
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    for r in (
+        account_routes.router,
+        device_routes.admin_router,
+        device_routes.device_router,
+        command_routes.admin_router,
+        command_routes.device_router,
+    ):
+        app.include_router(r)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for uvicorn (workers > 1 re-import it): settings from CUSTOS_* variables."""
+    return create_app(Settings())

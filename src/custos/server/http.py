@@ -1,0 +1,172 @@
+"""HTTP plumbing shared by the feature routers: error mapping, body limits, auth dependencies."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from custos.accounts.service import Principal
+from custos.devices.identity import DeviceAuth
+from custos.errors import DomainError, Invalid, Unauthorized
+from custos.server.container import Services
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+
+
+def error_response(status: int, error: str, detail: Any) -> JSONResponse:
+    """The one error shape: {"error": code, "detail": reason}."""
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+def install_error_handlers(app: Any) -> None:
+    """Map domain errors, validation errors and HTTP errors to the JSON error shape."""
+
+    @app.exception_handler(DomainError)
+    async def _domain(_req: Request, exc: DomainError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        resp = error_response(exc.status, exc.code, exc.detail)
+        if headers:
+            resp.headers.update(headers)
+        return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_request", _clean_errors(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, exc.detail)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal", "internal server error")
+
+
+def _clean_errors(errors: Any) -> list[dict[str, Any]]:
+    out = []
+    for e in errors:
+        out.append(
+            {
+                "loc": [str(x) for x in e.get("loc", ())],
+                "msg": str(e.get("msg", "")),
+                "type": str(e.get("type", "")),
+            }
+        )
+    return out
+
+
+def parse_body(model: type[M], raw: bytes) -> M:
+    """Validate a raw JSON body, turning any problem into a 422 with the reason."""
+    if not raw:
+        raise Invalid("request body is empty; JSON expected", code="invalid_request")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = _clean_errors(exc.errors())
+        if errors and errors[0]["type"] == "json_invalid":
+            raise Invalid(f"malformed JSON: {errors[0]['msg']}", code="malformed_json") from None
+        raise Invalid(
+            "; ".join(f"{'.'.join(e['loc']) or 'body'}: {e['msg']}" for e in errors[:10]),
+            code="invalid_request",
+        ) from None
+
+
+class BodyLimit:
+    """Refuses request bodies over the limit with 413, whether announced or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                try:
+                    too_big = int(v) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await _send_413(send, self.limit)
+                    return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return msg
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _send_413(send, self.limit)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _send_413(send: Send, limit: int) -> None:
+    import json
+
+    body = json.dumps(
+        {"error": "too_large", "detail": f"request body is larger than {limit} bytes"}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def services(request: Request) -> Services:
+    """The services built in the lifespan."""
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+async def admin(request: Request) -> Principal:
+    """The administrator behind the bearer token."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("an API token is required (Authorization: Bearer …)", code="no_token")
+    return await services(request).accounts.authenticate(token.strip())
+
+
+async def signed_device(request: Request) -> tuple[DeviceAuth, bytes]:
+    """The device that signed this request, and the raw body it signed."""
+    body = await request.body()
+    raw_path = request.scope.get("raw_path") or request.url.path.encode()
+    qs = request.scope.get("query_string", b"")
+    path_qs = raw_path.decode("latin-1") + (("?" + qs.decode("latin-1")) if qs else "")
+    auth = await services(request).authenticator.verify(
+        request.method, path_qs, {k: v for k, v in request.headers.items()}, body
+    )
+    return auth, body
