@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from custos import protocol
 from custos.accounts.service import Principal
 from custos.devices.identity import DeviceAuth
 from custos.errors import DomainError, Invalid, Unauthorized
@@ -31,10 +33,10 @@ def install_error_handlers(app: Any) -> None:
 
     @app.exception_handler(DomainError)
     async def _domain(_req: Request, exc: DomainError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         resp = error_response(exc.status, exc.code, exc.detail)
-        if headers:
-            resp.headers.update(headers)
+        if exc.status == 401:
+            # lets an agent with a wrong clock correct itself and retry
+            resp.headers[protocol.H_SERVER_TIME] = f"{time.time():.3f}"
         return resp
 
     @app.exception_handler(RequestValidationError)

@@ -1,0 +1,353 @@
+"""The agent's loop: check in, store work before acting on it, run it once, report it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from custos import __version__, protocol
+from custos.agent.client import DeviceClient, RequestRejected, ServerError, ServerRefused
+from custos.agent.executor import run_process, script_argv
+from custos.agent.identity import Identity
+from custos.agent.inventory import collect_inventory, inventory_delta
+from custos.agent.state import AgentState, QueuedCommand
+
+log = logging.getLogger("custos.agent")
+
+UPLOAD_CHUNK = 256 * 1024
+MAX_BACKOFF_S = 300.0
+
+
+def _iso(ts: float | None = None) -> str:
+    return datetime.fromtimestamp(ts if ts is not None else time.time(), UTC).isoformat()
+
+
+def _epoch(value: Any) -> float | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(str(value)).timestamp()
+
+
+def default_reboot_argv() -> list[str]:
+    """How this platform reboots (a one-minute delay lets the result reach the server)."""
+    if sys.platform == "win32":
+        return ["shutdown", "/r", "/t", "60"]
+    return ["shutdown", "-r", "+1"]
+
+
+class AgentRuntime:
+    """One enrolled agent: its check-in loop and its command worker."""
+
+    def __init__(
+        self,
+        state: AgentState,
+        identity: Identity,
+        *,
+        client: DeviceClient | None = None,
+        collect: Callable[[], dict[str, str]] = collect_inventory,
+        inventory_interval_s: float = 3600.0,
+        reboot_argv: list[str] | None = None,
+        max_output: int = 1024 * 1024,
+    ) -> None:
+        self.state = state
+        self.identity = identity
+        self.client = client or DeviceClient(
+            identity.server_url, identity.device_id, identity.key, ca_pem=identity.ca_pem
+        )
+        self.collect = collect
+        self.inventory_interval_s = inventory_interval_s
+        self.reboot_argv = reboot_argv or default_reboot_argv()
+        self.max_output = max_output
+        self._wake = asyncio.Event()
+        self._work = asyncio.Event()
+        self._full_inventory = False
+        self._inventory_due = 0.0
+
+    # --- settings ---
+
+    @property
+    def interval(self) -> float:
+        """Seconds between check-ins: a local override (set by a settings command) or the server's."""
+        v = self.state.get("interval_override") or self.state.get("checkin_interval") or "60"
+        return max(1.0, float(v))
+
+    # --- check-in ---
+
+    async def _inventory_part(self) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
+        if time.monotonic() < self._inventory_due and not self._full_inventory:
+            return None, None
+        current = await asyncio.to_thread(self.collect)
+        acked_raw = self.state.get("inventory_acked")
+        version = int(self.state.get("inventory_version") or "0")
+        if acked_raw is None or version <= 0 or self._full_inventory:
+            return {"base": 0, "full": True, "set": current, "remove": []}, current
+        acked = json.loads(acked_raw)
+        changed, removed = inventory_delta(acked, current)
+        if not changed and not removed:
+            self._inventory_due = time.monotonic() + self.inventory_interval_s
+            return None, None
+        return {"base": version, "full": False, "set": changed, "remove": removed}, current
+
+    async def checkin(self) -> int:
+        """One check-in; returns the number of new commands received."""
+        results = self.state.outbox(100)
+        acks = self.state.unacked()
+        inv, snapshot = await self._inventory_part()
+        payload: dict[str, Any] = {"agent_version": __version__, "results": results, "acks": acks}
+        if inv is not None:
+            payload["inventory"] = inv
+        resp = await self.client.checkin(payload)
+        self.state.sent(list(resp.get("accepted_results", [])))
+        self.state.mark_acked(acks)
+        if inv is not None and snapshot is not None:
+            if resp.get("inventory_resync"):
+                self._full_inventory = True
+            else:
+                self.state.set(
+                    inventory_acked=json.dumps(snapshot, sort_keys=True),
+                    inventory_version=str(resp["inventory_version"]),
+                )
+                self._full_inventory = False
+                self._inventory_due = time.monotonic() + self.inventory_interval_s
+        self.state.set(
+            checkin_interval=str(resp.get("checkin_interval", 60)),
+            last_checkin=_iso(),
+            clock_offset=f"{self.client.clock_offset:.1f}",
+        )
+        commands = resp.get("commands", [])
+        if commands:
+            self.state.enqueue(
+                [
+                    {
+                        "run_id": c["run_id"],
+                        "kind": c["kind"],
+                        "payload": c.get("payload") or {},
+                        "not_before": _epoch(c.get("not_before")),
+                        "expires_at": _epoch(c.get("expires_at")),
+                    }
+                    for c in commands
+                ]
+            )
+            self._work.set()
+        return len(commands)
+
+    def _more_to_send(self) -> bool:
+        return bool(self.state.outbox(1)) or bool(self.state.unacked()) or self._full_inventory
+
+    # --- commands ---
+
+    def recover(self) -> None:
+        """Close commands that were running when the agent stopped: never run them twice."""
+        for run_id in self.state.interrupted():
+            log.warning("run %s was interrupted by an agent restart; reporting, not re-running", run_id)
+            self.state.finish(
+                run_id,
+                {
+                    "run_id": run_id,
+                    "state": "interrupted",
+                    "error": "the agent stopped while this command was running; it was not re-run",
+                    "finished_at": _iso(),
+                },
+            )
+
+    async def run_due(self) -> int:
+        """Run every command whose time has come, one after another; returns how many ran."""
+        n = 0
+        for cmd in self.state.runnable(time.time()):
+            if not self.state.claim(cmd.run_id):
+                continue
+            started = time.time()
+            try:
+                result = await self._execute(cmd)
+            except Exception as exc:  # a bug in one handler must not kill the agent
+                log.exception("run %s failed", cmd.run_id)
+                result = {"state": "failed", "error": f"agent error: {exc}"}
+            result.update(run_id=cmd.run_id, started_at=_iso(started), finished_at=_iso())
+            result.setdefault("state", "succeeded")
+            self.state.finish(cmd.run_id, result)
+            n += 1
+            if cmd.kind == "reboot" and result["state"] == "succeeded":
+                await self._send_results_quietly()
+                await run_process(self.reboot_argv, timeout=60, max_output=4096)
+        return n
+
+    async def _send_results_quietly(self) -> None:
+        try:
+            await self.checkin()
+        except (ServerError, RequestRejected) as exc:
+            log.warning("could not report before reboot: %s", exc)
+
+    async def _execute(self, cmd: QueuedCommand) -> dict[str, Any]:
+        if cmd.expires_at is not None and cmd.expires_at <= time.time():
+            return {"state": "expired", "error": "the command expired before it could run"}
+        p = cmd.payload
+        log.info("running %s %s", cmd.kind, cmd.run_id)
+        if cmd.kind == "exec":
+            res = await run_process(
+                [str(a) for a in p["argv"]], timeout=float(p.get("timeout_s", 300)),
+                max_output=self.max_output,
+            )
+            return self._process_result(res)
+        if cmd.kind == "script":
+            return await self._script(cmd.run_id, p)
+        if cmd.kind == "ping":
+            return {"result": {"pong": True, "agent_time": time.time(), "agent_version": __version__}}
+        if cmd.kind == "settings":
+            interval = int(p["checkin_interval"])
+            self.state.set(interval_override=str(interval))
+            return {"result": {"checkin_interval": interval}}
+        if cmd.kind == "reboot":
+            return {"result": {"reboot": "scheduled", "argv": self.reboot_argv}}
+        if cmd.kind == "collect_file":
+            return await self._collect(cmd.run_id, p)
+        return {"state": "rejected", "error": f"this agent does not know the command kind {cmd.kind!r}"}
+
+    def _process_result(self, res: Any) -> dict[str, Any]:
+        if res.error:
+            return {"state": "failed", "error": res.error, "exit_code": None}
+        state = "succeeded" if res.exit_code == 0 and not res.timed_out else "failed"
+        out: dict[str, Any] = {
+            "state": state,
+            "exit_code": res.exit_code,
+            "stdout": res.stdout,
+            "stderr": res.stderr,
+            "truncated": res.truncated,
+            "result": {"duration_s": round(res.duration_s, 3), "timed_out": res.timed_out},
+        }
+        if res.timed_out:
+            out["error"] = "timed out; the process group was killed"
+        return out
+
+    async def _script(self, run_id: str, p: dict[str, Any]) -> dict[str, Any]:
+        interpreter = str(p["interpreter"])
+        suffix = {"sh": ".sh", "python": ".py", "powershell": ".ps1"}.get(interpreter, "")
+        tmp = self.state.dir / "tmp"
+        tmp.mkdir(exist_ok=True, mode=0o700)
+        path = tmp / f"{run_id}{suffix}"
+        path.write_text(str(p["script"]))
+        try:
+            argv = script_argv(interpreter, str(path), [str(a) for a in p.get("args", [])])
+            res = await run_process(argv, timeout=float(p.get("timeout_s", 300)), max_output=self.max_output)
+            return self._process_result(res)
+        except ValueError as exc:
+            return {"state": "rejected", "error": str(exc)}
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def _collect(self, run_id: str, p: dict[str, Any]) -> dict[str, Any]:
+        raw = str(p["path"])
+        parts = PureWindowsPath(raw).parts if sys.platform == "win32" else PurePosixPath(raw).parts
+        if not os.path.isabs(raw) or ".." in parts:
+            return {"state": "rejected", "error": "path must be absolute and must not contain '..'"}
+        path = Path(raw)
+        try:
+            st = path.stat()
+        except OSError as exc:
+            return {"state": "failed", "error": f"cannot read {raw}: {exc.strerror}"}
+        if not path.is_file():
+            return {"state": "failed", "error": f"{raw} is not a regular file"}
+        limit = int(p.get("max_bytes", 0))
+        if st.st_size > limit:
+            return {"state": "failed", "error": f"{raw} is {st.st_size} bytes; the limit is {limit}"}
+        digest = await asyncio.to_thread(_sha256_file, path)
+        base = f"{protocol.DEVICE_API}/uploads/{run_id}"
+        meta = json.dumps({"size": st.st_size, "sha256": digest, "source_path": raw}).encode()
+        try:
+            up = await self.client.request("POST", base, body=meta)
+            offset = int(up["received"])
+            with path.open("rb") as fh:
+                while not up["complete"]:
+                    fh.seek(offset)
+                    chunk = fh.read(UPLOAD_CHUNK)
+                    try:
+                        up = await self.client.request(
+                            "PUT", base, body=chunk, params={"offset": str(offset)},
+                            content_type="application/octet-stream",
+                        )
+                    except RequestRejected as exc:
+                        if exc.code not in ("offset_mismatch", "hash_mismatch"):
+                            raise
+                        up = await self.client.request("POST", base, body=meta)
+                    offset = int(up["received"])
+        except RequestRejected as exc:
+            return {"state": "failed", "error": f"upload refused: {exc.detail}"}
+        return {"result": {"size": st.st_size, "sha256": digest, "path": raw}}
+
+    # --- loops ---
+
+    async def run_once(self) -> None:
+        """One full cycle: check in, run what is due, report; raises ServerRefused if refused."""
+        self.recover()
+        await self.checkin()
+        ran = await self.run_due()
+        if ran or self._more_to_send():
+            await self.checkin()
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        """Check in at the interval (with jitter), back off on errors, until stop is set."""
+        self.recover()
+        worker = asyncio.create_task(self._worker(stop))
+        failures = 0
+        immediate = 0
+        try:
+            while not stop.is_set():
+                try:
+                    await self.checkin()
+                    failures = 0
+                    # results or acks still waiting go at once, a few rounds at most
+                    if self._more_to_send() and immediate < 5:
+                        immediate += 1
+                        delay = 0.0
+                    else:
+                        immediate = 0
+                        delay = self.interval * random.uniform(0.9, 1.1)  # noqa: S311 - jitter
+                except ServerRefused:
+                    raise
+                except (ServerError, RequestRejected) as exc:
+                    failures += 1
+                    delay = min(MAX_BACKOFF_S, 2.0 ** min(failures, 10)) * random.uniform(0.5, 1.0)  # noqa: S311
+                    log.warning("check-in failed (%s); retrying in %.1fs", exc, delay)
+                if delay > 0:
+                    await self._sleep(stop, delay)
+        finally:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
+        self._wake.clear()
+        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self._wake.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _worker(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            due = self.state.next_due()
+            timeout = max(0.05, due - time.time()) if due else None
+            try:
+                await asyncio.wait_for(self._work.wait(), timeout=timeout)
+            except TimeoutError:
+                pass
+            self._work.clear()
+            if await self.run_due():
+                self._wake.set()  # report results now, not at the next interval
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
