@@ -23,9 +23,7 @@ H_SERVER_TIME = "x-custos-server-time"
 def signing_input(method: str, path_qs: str, timestamp: str, device_id: str, body: bytes) -> bytes:
     """The bytes a device signs: method, path with query, time, device id and body digest."""
     digest = hashlib.sha256(body).hexdigest()
-    return "\n".join(
-        ("custos-v1", method.upper(), path_qs, timestamp, device_id, digest)
-    ).encode()
+    return "\n".join(("custos-v1", method.upper(), path_qs, timestamp, device_id, digest)).encode()
 
 
 def sign_request(

@@ -17,7 +17,7 @@ from custos.devices.ca import sha256_hex
 from custos.errors import Conflict, Invalid, Unauthorized
 
 _hasher = PasswordHasher()
-TOKEN_PREFIX = "cst_"
+TOKEN_PREFIX = "cst_"  # noqa: S105 - a marker, not a secret
 
 
 @dataclass(frozen=True)

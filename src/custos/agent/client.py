@@ -112,7 +112,9 @@ class DeviceClient:
     async def checkin(self, payload: dict[str, Any]) -> dict[str, Any]:
         """POST a check-in."""
         body = json.dumps(payload, separators=(",", ":")).encode()
-        result: dict[str, Any] = await self.request("POST", protocol.DEVICE_API + "/checkin", body=body)
+        result: dict[str, Any] = await self.request(
+            "POST", protocol.DEVICE_API + "/checkin", body=body
+        )
         return result
 
 

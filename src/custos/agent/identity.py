@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
@@ -100,7 +100,11 @@ async def enroll(
         x509.CertificateSigningRequestBuilder()
         .subject_name(
             x509.Name(
-                [x509.NameAttribute(NameOID.COMMON_NAME, facts.get("os.hostname") or platform.node() or "device")]
+                [
+                    x509.NameAttribute(
+                        NameOID.COMMON_NAME, facts.get("os.hostname") or platform.node() or "device"
+                    )
+                ]
             )
         )
         .sign(key, None)
@@ -136,8 +140,12 @@ async def enroll(
     )
     (state.dir / "device.pem").write_text(data["certificate"])
     (state.dir / "ca.pem").write_text(ca_pem)
-    state.set(server_url=url, device_id=data["device_id"], ca_fingerprint=ca_fingerprint(ca_pem),
-              checkin_interval=str(data["checkin_interval"]))
+    state.set(
+        server_url=url,
+        device_id=data["device_id"],
+        ca_fingerprint=ca_fingerprint(ca_pem),
+        checkin_interval=str(data["checkin_interval"]),
+    )
     return Identity(url, data["device_id"], key, ca_pem)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -77,7 +78,7 @@ class AgentRuntime:
 
     @property
     def interval(self) -> float:
-        """Seconds between check-ins: a local override (set by a settings command) or the server's."""
+        """Seconds between check-ins: a local override (a settings command) or the server's."""
         v = self.state.get("interval_override") or self.state.get("checkin_interval") or "60"
         return max(1.0, float(v))
 
@@ -149,7 +150,9 @@ class AgentRuntime:
     def recover(self) -> None:
         """Close commands that were running when the agent stopped: never run them twice."""
         for run_id in self.state.interrupted():
-            log.warning("run %s was interrupted by an agent restart; reporting, not re-running", run_id)
+            log.warning(
+                "run %s was interrupted by an agent restart; reporting, not re-running", run_id
+            )
             self.state.finish(
                 run_id,
                 {
@@ -194,14 +197,17 @@ class AgentRuntime:
         log.info("running %s %s", cmd.kind, cmd.run_id)
         if cmd.kind == "exec":
             res = await run_process(
-                [str(a) for a in p["argv"]], timeout=float(p.get("timeout_s", 300)),
+                [str(a) for a in p["argv"]],
+                timeout=float(p.get("timeout_s", 300)),
                 max_output=self.max_output,
             )
             return self._process_result(res)
         if cmd.kind == "script":
             return await self._script(cmd.run_id, p)
         if cmd.kind == "ping":
-            return {"result": {"pong": True, "agent_time": time.time(), "agent_version": __version__}}
+            return {
+                "result": {"pong": True, "agent_time": time.time(), "agent_version": __version__}
+            }
         if cmd.kind == "settings":
             interval = int(p["checkin_interval"])
             self.state.set(interval_override=str(interval))
@@ -210,7 +216,10 @@ class AgentRuntime:
             return {"result": {"reboot": "scheduled", "argv": self.reboot_argv}}
         if cmd.kind == "collect_file":
             return await self._collect(cmd.run_id, p)
-        return {"state": "rejected", "error": f"this agent does not know the command kind {cmd.kind!r}"}
+        return {
+            "state": "rejected",
+            "error": f"this agent does not know the command kind {cmd.kind!r}",
+        }
 
     def _process_result(self, res: Any) -> dict[str, Any]:
         if res.error:
@@ -237,7 +246,9 @@ class AgentRuntime:
         path.write_text(str(p["script"]))
         try:
             argv = script_argv(interpreter, str(path), [str(a) for a in p.get("args", [])])
-            res = await run_process(argv, timeout=float(p.get("timeout_s", 300)), max_output=self.max_output)
+            res = await run_process(
+                argv, timeout=float(p.get("timeout_s", 300)), max_output=self.max_output
+            )
             return self._process_result(res)
         except ValueError as exc:
             return {"state": "rejected", "error": str(exc)}
@@ -249,39 +260,34 @@ class AgentRuntime:
         parts = PureWindowsPath(raw).parts if sys.platform == "win32" else PurePosixPath(raw).parts
         if not os.path.isabs(raw) or ".." in parts:
             return {"state": "rejected", "error": "path must be absolute and must not contain '..'"}
-        path = Path(raw)
-        try:
-            st = path.stat()
-        except OSError as exc:
-            return {"state": "failed", "error": f"cannot read {raw}: {exc.strerror}"}
-        if not path.is_file():
-            return {"state": "failed", "error": f"{raw} is not a regular file"}
         limit = int(p.get("max_bytes", 0))
-        if st.st_size > limit:
-            return {"state": "failed", "error": f"{raw} is {st.st_size} bytes; the limit is {limit}"}
-        digest = await asyncio.to_thread(_sha256_file, path)
+        try:
+            size, digest = await asyncio.to_thread(_inspect_file, Path(raw), limit)
+        except _CollectError as exc:
+            return {"state": "failed", "error": str(exc)}
         base = f"{protocol.DEVICE_API}/uploads/{run_id}"
-        meta = json.dumps({"size": st.st_size, "sha256": digest, "source_path": raw}).encode()
+        meta = json.dumps({"size": size, "sha256": digest, "source_path": raw}).encode()
         try:
             up = await self.client.request("POST", base, body=meta)
-            offset = int(up["received"])
-            with path.open("rb") as fh:
-                while not up["complete"]:
-                    fh.seek(offset)
-                    chunk = fh.read(UPLOAD_CHUNK)
-                    try:
-                        up = await self.client.request(
-                            "PUT", base, body=chunk, params={"offset": str(offset)},
-                            content_type="application/octet-stream",
-                        )
-                    except RequestRejected as exc:
-                        if exc.code not in ("offset_mismatch", "hash_mismatch"):
-                            raise
-                        up = await self.client.request("POST", base, body=meta)
-                    offset = int(up["received"])
+            while not up["complete"]:
+                offset = int(up["received"])
+                chunk = await asyncio.to_thread(_read_at, Path(raw), offset, UPLOAD_CHUNK)
+                try:
+                    up = await self.client.request(
+                        "PUT",
+                        base,
+                        body=chunk,
+                        params={"offset": str(offset)},
+                        content_type="application/octet-stream",
+                    )
+                except RequestRejected as exc:
+                    if exc.code not in ("offset_mismatch", "hash_mismatch"):
+                        raise
+                    # the server holds a different amount (or the file changed): ask and resume
+                    up = await self.client.request("POST", base, body=meta)
         except RequestRejected as exc:
             return {"state": "failed", "error": f"upload refused: {exc.detail}"}
-        return {"result": {"size": st.st_size, "sha256": digest, "path": raw}}
+        return {"result": {"size": size, "sha256": digest, "path": raw}}
 
     # --- loops ---
 
@@ -336,18 +342,38 @@ class AgentRuntime:
         while not stop.is_set():
             due = self.state.next_due()
             timeout = max(0.05, due - time.time()) if due else None
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._work.wait(), timeout=timeout)
-            except TimeoutError:
-                pass
             self._work.clear()
             if await self.run_due():
                 self._wake.set()  # report results now, not at the next interval
 
 
-def _sha256_file(path: Path) -> str:
+class _CollectError(Exception):
+    pass
+
+
+def _inspect_file(path: Path, limit: int) -> tuple[int, str]:
+    """Size and SHA-256 of a regular file within the limit."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise _CollectError(f"cannot read {path}: {exc.strerror}") from None
+    if not path.is_file():
+        raise _CollectError(f"{path} is not a regular file")
+    if st.st_size > limit:
+        raise _CollectError(f"{path} is {st.st_size} bytes; the limit is {limit}")
     h = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise _CollectError(f"cannot read {path}: {exc.strerror}") from None
+    return st.st_size, h.hexdigest()
+
+
+def _read_at(path: Path, offset: int, size: int) -> bytes:
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        fh.seek(offset)
+        return fh.read(size)

@@ -108,7 +108,9 @@ class AgentState:
     def mark_acked(self, run_ids: list[str]) -> None:
         """The server knows we hold these."""
         with self._tx():
-            self._db.executemany("UPDATE queue SET acked = 1 WHERE run_id = ?", [(r,) for r in run_ids])
+            self._db.executemany(
+                "UPDATE queue SET acked = 1 WHERE run_id = ?", [(r,) for r in run_ids]
+            )
 
     def runnable(self, now: float) -> list[QueuedCommand]:
         """Received commands whose time has come, oldest first."""

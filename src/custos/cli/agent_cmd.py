@@ -49,7 +49,9 @@ def register(app: typer.Typer) -> None:
     @agent.command("enroll")
     def enroll_cmd(
         url: str = typer.Argument(..., help="server URL, e.g. https://mdm.example.org:8443"),
-        token: str = typer.Option(..., "--token", help="enrolment token from `custos token create`"),
+        token: str = typer.Option(
+            ..., "--token", help="enrolment token from `custos token create`"
+        ),
         ca_fingerprint: str = typer.Option(
             None, "--ca-fingerprint", help="SHA-256 of the server CA (pins it from first contact)"
         ),
@@ -66,7 +68,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)
         if ca_fingerprint is None and url.startswith("https://"):
             err.print(
-                "[yellow]warning:[/] no --ca-fingerprint given: trusting the server's CA on first use"
+                "[yellow]warning:[/] no --ca-fingerprint: trusting the server's CA on first use"
             )
         state = AgentState(state_dir or default_state_dir())
         try:

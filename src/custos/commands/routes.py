@@ -7,7 +7,13 @@ from fastapi.responses import FileResponse
 
 from custos import protocol
 from custos.accounts.service import Principal
-from custos.commands.schemas import CommandCreate, CommandDetail, CommandOut, UploadStart, UploadState
+from custos.commands.schemas import (
+    CommandCreate,
+    CommandDetail,
+    CommandOut,
+    UploadStart,
+    UploadState,
+)
 from custos.server.container import Services
 from custos.server.http import admin, parse_body, services, signed_device
 
@@ -57,7 +63,9 @@ async def download_collected(
 
 
 @device_router.post("/uploads/{run_id}", response_model=UploadState)
-async def start_upload(run_id: str, request: Request, svc: Services = Depends(services)) -> UploadState:
+async def start_upload(
+    run_id: str, request: Request, svc: Services = Depends(services)
+) -> UploadState:
     """Announce a collected file (size and hash); returns how much is already held."""
     auth, raw = await signed_device(request)
     body = parse_body(UploadStart, raw)

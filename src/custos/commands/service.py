@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from custos.commands.models import Command, CommandRun, Upload
@@ -65,7 +65,7 @@ class CommandService:
             s.add(cmd)
             await s.flush()
             await s.execute(
-                CommandRun.__table__.insert(),
+                insert(CommandRun),
                 [
                     {
                         "id": new_id(),
@@ -90,7 +90,10 @@ class CommandService:
         async with self.db.read() as s:
             cmds = (
                 await s.scalars(
-                    select(Command).order_by(Command.created_at.desc(), Command.id).limit(limit).offset(offset)
+                    select(Command)
+                    .order_by(Command.created_at.desc(), Command.id)
+                    .limit(limit)
+                    .offset(offset)
                 )
             ).all()
             ids = [c.id for c in cmds]
@@ -164,7 +167,9 @@ class CommandService:
 
     # --- device side (called by the check-in, inside its transaction) ---
 
-    async def take_pending(self, s: AsyncSession, device_id: str, limit: int) -> list[DeliveredCommand]:
+    async def take_pending(
+        self, s: AsyncSession, device_id: str, limit: int
+    ) -> list[DeliveredCommand]:
         """Runs to hand to the device now, marked sent; expired ones are closed instead."""
         now = utcnow()
         rows = (
@@ -223,7 +228,9 @@ class CommandService:
             r.id: r
             for r in (
                 await s.scalars(
-                    select(CommandRun).where(CommandRun.id.in_(ids), CommandRun.device_id == device_id)
+                    select(CommandRun).where(
+                        CommandRun.id.in_(ids), CommandRun.device_id == device_id
+                    )
                 )
             ).all()
         }
@@ -285,7 +292,9 @@ class CommandService:
             raise Conflict(f"run is already {run.state}")
         return run, int(row[2].get("max_bytes", 0))
 
-    async def start_upload(self, device_id: str, run_id: str, req: UploadStart, limit: int) -> UploadState:
+    async def start_upload(
+        self, device_id: str, run_id: str, req: UploadStart, limit: int
+    ) -> UploadState:
         """Announce an upload (idempotent: a restarted agent gets the current offset back)."""
         async with self.db.transaction() as uow:
             s = uow.session
@@ -302,7 +311,9 @@ class CommandService:
                 await s.flush()
                 up = None
             if up is None:
-                up = Upload(run_id=run_id, source_path=req.source_path, size=req.size, sha256=req.sha256)
+                up = Upload(
+                    run_id=run_id, source_path=req.source_path, size=req.size, sha256=req.sha256
+                )
                 s.add(up)
                 path = self._upload_path(run_id)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -310,9 +321,13 @@ class CommandService:
                 if req.size == 0:
                     up.complete = True
             await s.flush()
-            return UploadState(run_id=run_id, size=up.size, received=up.received, complete=up.complete)
+            return UploadState(
+                run_id=run_id, size=up.size, received=up.received, complete=up.complete
+            )
 
-    async def append_upload(self, device_id: str, run_id: str, offset: int, chunk: bytes) -> UploadState:
+    async def append_upload(
+        self, device_id: str, run_id: str, offset: int, chunk: bytes
+    ) -> UploadState:
         """Append a chunk at exactly `offset`; the last one is checked against the hash."""
         async with self.db.transaction() as uow:
             s = uow.session
@@ -338,9 +353,13 @@ class CommandService:
                 digest = await _sha256_file(path)
                 if digest != up.sha256:
                     up.received = 0
-                    raise Conflict("file hash does not match; upload restarted", code="hash_mismatch")
+                    raise Conflict(
+                        "file hash does not match; upload restarted", code="hash_mismatch"
+                    )
                 up.complete = True
-            return UploadState(run_id=run_id, size=up.size, received=up.received, complete=up.complete)
+            return UploadState(
+                run_id=run_id, size=up.size, received=up.received, complete=up.complete
+            )
 
     async def upload_file(self, run_id: str) -> tuple[Path, Upload]:
         """The stored file of a completed collection, for download by an admin."""
@@ -362,4 +381,3 @@ async def _sha256_file(path: Path) -> str:
         return h.hexdigest()
 
     return await asyncio.to_thread(_hash)
-

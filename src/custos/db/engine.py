@@ -7,7 +7,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
@@ -43,7 +48,7 @@ class UnitOfWork:
         for fn in self._after_commit:
             try:
                 fn()
-            except Exception:  # noqa: BLE001 - a side effect must never undo a commit
+            except Exception:
                 import logging
 
                 logging.getLogger(__name__).exception("after-commit hook failed")

@@ -114,9 +114,9 @@ class CertificateAuthority:
             raise ValueError("the stored CA key is not an EC key")
         return cls(x509.load_pem_x509_certificate(cert_pem.encode()), key)
 
-    def _builder(self, subject: x509.Name, public_key: object, validity: timedelta) -> tuple[
-        x509.CertificateBuilder, datetime
-    ]:
+    def _builder(
+        self, subject: x509.Name, public_key: object, validity: timedelta
+    ) -> tuple[x509.CertificateBuilder, datetime]:
         now = datetime.now(UTC)
         not_after = min(now + validity, self.cert.not_valid_after_utc)
         builder = (
@@ -136,7 +136,7 @@ class CertificateAuthority:
         return builder, not_after
 
     def sign_device_csr(self, csr_pem: str, device_id: str) -> IssuedDeviceCert:
-        """Check the CSR (Ed25519 key, valid self-signature) and issue a certificate for device_id."""
+        """Check the CSR (Ed25519 key, valid self-signature); issue a certificate for device_id."""
         try:
             csr = x509.load_pem_x509_csr(csr_pem.encode())
         except ValueError as exc:
@@ -161,9 +161,7 @@ class CertificateAuthority:
             pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
             serial=format(cert.serial_number, "x"),
             not_after=not_after,
-            public_key=pub.public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw
-            ),
+            public_key=pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw),
         )
 
     def issue_server_cert(self, hostnames: list[str]) -> tuple[str, str]:
@@ -179,9 +177,7 @@ class CertificateAuthority:
         builder, _ = self._builder(subject, key.public_key(), SERVER_CERT_VALIDITY)
         cert = (
             builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(self._key, hashes.SHA256())
         )
         key_pem = key.private_bytes(

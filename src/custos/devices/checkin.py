@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class DeviceCheckin:
-    """Takes results and inventory, hands out work; last-seen is batched, not written per request."""
+    """Takes results and inventory, hands out work; last-seen is batched, not written each time."""
 
     def __init__(
         self, db: Database, commands: CommandService, *, interval: int, max_commands: int
@@ -67,8 +67,8 @@ class DeviceCheckin:
             for k, (seen, skew, ver) in batch.items()
         ]
         stmt = (
-            update(Device.__table__)
-            .where(Device.__table__.c.id == bindparam("b_id"))
+            update(Device)
+            .where(Device.id == bindparam("b_id"))
             .values(
                 last_seen=bindparam("b_seen"),
                 last_clock_skew_s=bindparam("b_skew"),

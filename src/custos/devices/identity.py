@@ -1,4 +1,4 @@
-"""Device identity on the server: the stored CA, and checking that a request was signed by a device."""
+"""Device identity on the server: the stored CA, and checking a device's request signature."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from custos.devices.models import Device
 from custos.errors import Unauthorized
 
 
-async def load_or_create_ca(db: Database, data_dir: Path, passphrase: str | None) -> CertificateAuthority:
+async def load_or_create_ca(
+    db: Database, data_dir: Path, passphrase: str | None
+) -> CertificateAuthority:
     """The CA from the database, created on first start (safe when several processes start)."""
     secret = load_or_create_passphrase(data_dir, passphrase)
     async with db.read() as s:

@@ -39,7 +39,7 @@ from custos.devices.schemas import (
 )
 from custos.errors import Conflict, Forbidden, Invalid, NotFound
 
-ENROLL_TOKEN_PREFIX = "cet_"
+ENROLL_TOKEN_PREFIX = "cet_"  # noqa: S105 - a marker, not a secret
 
 
 def _token_state(t: EnrollmentToken, now: datetime) -> str:
@@ -76,7 +76,9 @@ class EnrollmentService:
         self.ca = ca
         self.checkin_interval = checkin_interval
 
-    async def create_token(self, req: TokenCreate, created_by: str, server_url: str) -> TokenCreated:
+    async def create_token(
+        self, req: TokenCreate, created_by: str, server_url: str
+    ) -> TokenCreated:
         """A new token; the secret is returned once and only its hash is kept."""
         secret = ENROLL_TOKEN_PREFIX + secrets.token_urlsafe(24)
         now = utcnow()
@@ -147,7 +149,9 @@ class EnrollmentService:
                 raise Forbidden("unknown enrolment token", code="token_invalid")
             state = _token_state(tok, now)
             if state != "active":
-                raise Forbidden(f"enrolment token is {state.replace('_', ' ')}", code=f"token_{state}")
+                raise Forbidden(
+                    f"enrolment token is {state.replace('_', ' ')}", code=f"token_{state}"
+                )
             # the guarded increment keeps concurrent enrolments within max_uses
             res = await s.execute(
                 update(EnrollmentToken)
@@ -187,7 +191,9 @@ class EnrollmentService:
             s.add(device)
             if tok.group_id is not None:
                 await s.flush()
-                await s.execute(device_groups.insert().values(device_id=device_id, group_id=tok.group_id))
+                await s.execute(
+                    device_groups.insert().values(device_id=device_id, group_id=tok.group_id)
+                )
         return EnrollResponse(
             device_id=device_id,
             certificate=issued.pem,
@@ -242,9 +248,7 @@ def _device_out(d: Device) -> dict[str, Any]:
         "id": d.id,
         "name": d.name,
         "status": d.status,
-        "os": " ".join(
-            x for x in (d.facts.get("os.name", ""), d.facts.get("os.version", "")) if x
-        ),
+        "os": " ".join(x for x in (d.facts.get("os.name", ""), d.facts.get("os.version", "")) if x),
         "model": d.facts.get("hw.model", ""),
         "last_seen": d.last_seen,
         "enrolled_at": d.enrolled_at,
@@ -271,9 +275,11 @@ class DeviceService:
         if status:
             stmt = stmt.where(Device.status == status)
         if group:
-            stmt = stmt.join(device_groups, device_groups.c.device_id == Device.id).join(
-                Group, Group.id == device_groups.c.group_id
-            ).where(Group.name == group)
+            stmt = (
+                stmt.join(device_groups, device_groups.c.device_id == Device.id)
+                .join(Group, Group.id == device_groups.c.group_id)
+                .where(Group.name == group)
+            )
         async with self.db.read() as s:
             devices = (await s.scalars(stmt.limit(limit).offset(offset))).all()
             return [DeviceOut(**_device_out(d)) for d in devices]
@@ -295,7 +301,9 @@ class DeviceService:
                 clock_skew_s=d.last_clock_skew_s,
             )
 
-    async def history(self, ref: str, *, key_prefix: str | None, limit: int) -> list[InventoryChangeOut]:
+    async def history(
+        self, ref: str, *, key_prefix: str | None, limit: int
+    ) -> list[InventoryChangeOut]:
         """Inventory changes of a device, newest first."""
         async with self.db.read() as s:
             d = await resolve_device(s, ref)
@@ -376,7 +384,9 @@ class DeviceService:
                     device_groups.insert(), [{"device_id": i, "group_id": g.id} for i in new]
                 )
             n = await s.scalar(
-                select(func.count()).select_from(device_groups).where(device_groups.c.group_id == g.id)
+                select(func.count())
+                .select_from(device_groups)
+                .where(device_groups.c.group_id == g.id)
             )
             return GroupOut(id=g.id, name=g.name, description=g.description, devices=n or 0)
 

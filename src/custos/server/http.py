@@ -150,7 +150,7 @@ async def _send_413(send: Send, limit: int) -> None:
 
 def services(request: Request) -> Services:
     """The services built in the lifespan."""
-    return request.app.state.services  # type: ignore[no-any-return]
+    return request.app.state.services
 
 
 async def admin(request: Request) -> Principal:

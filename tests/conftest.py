@@ -1,0 +1,163 @@
+"""Shared fixtures: a database per test on SQLite and on the real PostgreSQL, an app, devices."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from custos.db.migrate import upgrade
+
+PG_DSN = os.environ.get("CUSTOS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_PASSWORD = "admin-test-pw-1"
+
+
+def _pg_base() -> str:
+    return PG_DSN.rsplit("/", 1)[0]
+
+
+async def _pg_exec(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def pg_url(name: str) -> str:
+    """SQLAlchemy URL of a database on the test PostgreSQL."""
+    return _pg_base().replace("postgresql://", "postgresql+asyncpg://") + "/" + name
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated template database; each test clones it (CREATE DATABASE … TEMPLATE)."""
+    name = f"custos_tpl_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_pg_exec(f'CREATE DATABASE "{name}"'))
+    try:
+        upgrade(pg_url(name))
+        yield name
+    finally:
+        asyncio.run(_pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file that tests copy."""
+    path = tmp_path_factory.mktemp("tpl") / "custos.db"
+    upgrade(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database for one test: SQLite and PostgreSQL."""
+    if request.param == "sqlite":
+        tpl: Path = request.getfixturevalue("sqlite_template")
+        target = tmp_path / "data" / "custos.db"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tpl, target)
+        yield f"sqlite+aiosqlite:///{target}"
+        return
+    tpl_name: str = request.getfixturevalue("pg_template")
+    name = f"custos_t_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_pg_exec(f'CREATE DATABASE "{name}" TEMPLATE "{tpl_name}"'))
+    try:
+        yield pg_url(name)
+    finally:
+        asyncio.run(_pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def settings(db_url: str, tmp_path: Path) -> Any:
+    """Server settings on the test database and a temporary data directory."""
+    from custos.settings import Settings
+
+    return Settings(
+        data_dir=tmp_path / "data",
+        db=db_url,
+        admin_password=ADMIN_PASSWORD,
+        last_seen_flush_s=0.2,
+        identity_cache_ttl_s=0.0,
+    )
+
+
+class Api:
+    """An in-process app with an admin client and helpers to make devices."""
+
+    def __init__(self, app: Any, http: httpx.AsyncClient) -> None:
+        self.app = app
+        self.http = http
+        self.token = ""
+
+    @property
+    def services(self) -> Any:
+        return self.app.state.services
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"}
+
+    async def get(self, path: str, **kw: Any) -> httpx.Response:
+        return await self.http.get(path, headers=self.auth, **kw)
+
+    async def post(self, path: str, json: Any = None, **kw: Any) -> httpx.Response:
+        return await self.http.post(path, json=json, headers=self.auth, **kw)
+
+    async def enroll_token(self, **body: Any) -> dict[str, Any]:
+        r = await self.post("/api/v1/enrollment-tokens", json=body)
+        assert r.status_code == 201, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    async def new_device(self, name: str = "dev", facts: dict[str, str] | None = None) -> Any:
+        """Enrol a device through the real protocol; returns a DeviceClient for it."""
+        from custos.agent.client import DeviceClient
+        from custos.agent.identity import enroll
+        from custos.agent.state import AgentState
+
+        tok = await self.enroll_token()
+        state_dir = Path(self.services.settings.data_dir).parent / f"agent-{uuid.uuid4().hex[:6]}"
+        state = AgentState(state_dir)
+        transport = httpx.ASGITransport(app=self.app)
+        ident = await enroll(
+            state,
+            "http://test",
+            tok["token"],
+            tok["ca_fingerprint"],
+            facts={"os.hostname": name, **(facts or {})},
+            name=name,
+            transport=transport,
+        )
+        client = DeviceClient(
+            "http://test", ident.device_id, ident.key, ca_pem=None, transport=transport
+        )
+        client.state = state  # type: ignore[attr-defined]
+        client.identity = ident  # type: ignore[attr-defined]
+        return client
+
+
+@pytest.fixture
+async def api(settings: Any) -> AsyncIterator[Api]:
+    """The app running its lifespan, with an admin logged in."""
+    from custos.server.app import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            a = Api(app, http)
+            r = await http.post(
+                "/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
+            )
+            assert r.status_code == 200, r.text
+            a.token = r.json()["token"]
+            yield a
