@@ -105,18 +105,25 @@ class BodyLimit:
                     return
         seen = 0
         started = False
+        refused = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
+                    # answer now: frameworks turn errors raised while reading into their own 400
+                    if not started and not refused:
+                        refused = True
+                        await _send_413(send, self.limit)
                     raise _BodyTooLarge
             return msg
 
         async def tracking_send(msg: Message) -> None:
             nonlocal started
+            if refused:
+                return
             if msg["type"] == "http.response.start":
                 started = True
             await send(msg)
@@ -124,8 +131,7 @@ class BodyLimit:
         try:
             await self.app(scope, counting_receive, tracking_send)
         except _BodyTooLarge:
-            if not started:
-                await _send_413(send, self.limit)
+            pass
 
 
 class _BodyTooLarge(Exception):
