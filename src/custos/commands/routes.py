@@ -15,7 +15,7 @@ from custos.commands.schemas import (
     UploadState,
 )
 from custos.server.container import Services
-from custos.server.http import admin, parse_body, services, signed_device
+from custos.server.http import admin, body_schema, parse_body, services, signed_device
 
 admin_router = APIRouter(prefix="/api/v1", tags=["commands"])
 device_router = APIRouter(prefix=protocol.DEVICE_API, tags=["device protocol"])
@@ -62,7 +62,9 @@ async def download_collected(
     )
 
 
-@device_router.post("/uploads/{run_id}", response_model=UploadState)
+@device_router.post(
+    "/uploads/{run_id}", response_model=UploadState, openapi_extra=body_schema(UploadStart)
+)
 async def start_upload(
     run_id: str, request: Request, svc: Services = Depends(services)
 ) -> UploadState:

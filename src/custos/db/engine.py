@@ -83,6 +83,11 @@ class Database:
         async with self.sessionmaker() as session:
             yield session
 
+    async def ping(self) -> None:
+        """Round-trip to the database."""
+        async with self.engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+
     async def dispose(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()

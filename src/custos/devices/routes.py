@@ -23,7 +23,7 @@ from custos.devices.schemas import (
     TokenOut,
 )
 from custos.server.container import Services
-from custos.server.http import admin, parse_body, services, signed_device
+from custos.server.http import admin, body_schema, parse_body, services, signed_device
 
 admin_router = APIRouter(prefix="/api/v1", tags=["devices"])
 device_router = APIRouter(prefix=protocol.DEVICE_API, tags=["device protocol"])
@@ -152,7 +152,11 @@ async def enroll(body: EnrollRequest, svc: Services = Depends(services)) -> Enro
     return await svc.enrollment.enroll(body)
 
 
-@device_router.post("/checkin", response_model=CheckinResponse)
+@device_router.post(
+    "/checkin",
+    response_model=CheckinResponse,
+    openapi_extra=body_schema(CheckinRequest),
+)
 async def checkin(request: Request, svc: Services = Depends(services)) -> Response:
     """One signed check-in: results and inventory in, work out."""
     auth, raw = await signed_device(request)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from custos import __version__
 from custos.accounts import routes as account_routes
@@ -57,8 +59,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz(request: Request) -> JSONResponse:
+        """For load balancers: 200 when this process can reach the database, else 503."""
+        try:
+            await asyncio.wait_for(request.app.state.services.db.ping(), timeout=2)
+        except Exception as exc:
+            return JSONResponse(
+                {"status": "unavailable", "detail": f"database: {type(exc).__name__}"}, 503
+            )
+        return JSONResponse({"status": "ok"})
 
     for r in (
         account_routes.router,
