@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -255,12 +255,17 @@ def fetch_ca(url: str) -> str:
     return pem
 
 
-def login(url: str, username: str, password: str, ca_fingerprint: str | None) -> StoredLogin:
-    """Pin the server's CA (checking the fingerprint if given), log in and store the token."""
+def login(
+    url: str, username: str, password: str | Callable[[], str], ca_fingerprint: str | None
+) -> StoredLogin:
+    """Pin the server's CA (checking the fingerprint if given), log in and store the token.
+
+    `password` may be a callable, asked only once the CA has been checked.
+    """
     import httpx
     from rich.console import Console
 
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     url = normalise_url(url)
     https = url.startswith("https://")
     if ca_fingerprint is not None:
@@ -295,6 +300,10 @@ def login(url: str, username: str, password: str, ca_fingerprint: str | None) ->
     if not https:
         err.print("[yellow]warning:[/] plain HTTP: the password and token travel unencrypted")
 
+    if callable(password):
+        password = password()
+    if not password:
+        fail("empty password", code=2)
     tmp_ca: Path | None = None
     verify: Any = False
     if https:
