@@ -115,8 +115,7 @@ async def test_inventory_delta_history_and_resync(api):
         (3, "sw.dpkg.git", "2.39", None),
         (2, "sw.dpkg.git", None, "2.39"),
         (2, "sw.dpkg.curl", "7.88", "8.0"),
-        (1, "sw.dpkg.curl", None, "7.88"),
-    ]
+    ]  # the first snapshot is the baseline, not a change
 
 
 async def test_oversized_inventory_refused_and_unchanged(api):

@@ -120,15 +120,31 @@ async def _wait(future: asyncio.Future[None], seconds: float) -> bool:
     return bool(done)
 
 
+def _group_alive(pid: int) -> bool:
+    """Whether any process is left in the child's process group (POSIX only)."""
+    if sys.platform == "win32":
+        return False
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 async def _stop_group(pid: int, protocol: _Protocol) -> None:
     """SIGTERM the group, give it TERM_GRACE_S to finish, then SIGKILL whatever is left."""
     _signal_group(pid, force=False)
     deadline = time.monotonic() + TERM_GRACE_S
     await _wait(protocol.exited, TERM_GRACE_S)
-    # Output pipes closing means every process holding them (the group) has gone.
+    # Output pipes closing means every process holding them has gone...
     await _wait(protocol.pipes_closed, deadline - time.monotonic())
-    if not (protocol.exited.done() and protocol.pipes_closed.done()):
-        _signal_group(pid, force=True)
+    # ...but members that closed their output are only visible through the group, and
+    # nothing signals when a group empties, so it is polled.
+    while time.monotonic() < deadline and _group_alive(pid):  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    _signal_group(pid, force=True)
     await _wait(protocol.exited, _KILL_WAIT_S)
 
 

@@ -19,7 +19,6 @@ should run it in a thread.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -58,6 +58,7 @@ FACT_KEYS = (
     "hw.serial",
 )
 
+_DMI_DIR = Path("/sys/class/dmi/id")
 _SUBPROCESS_TIMEOUT_S = 30.0
 _PIP_TIMEOUT_S = 20.0
 
@@ -127,6 +128,28 @@ _SKIP_FSTYPES = frozenset(
 )
 
 _LOOPBACK_NAMES = frozenset({"lo", "lo0"})
+
+# Arm Ltd. core part numbers (implementer 0x41) as /proc/cpuinfo reports them.
+_ARM_PARTS = {
+    "0xd03": "Cortex-A53",
+    "0xd04": "Cortex-A35",
+    "0xd05": "Cortex-A55",
+    "0xd07": "Cortex-A57",
+    "0xd08": "Cortex-A72",
+    "0xd09": "Cortex-A73",
+    "0xd0a": "Cortex-A75",
+    "0xd0b": "Cortex-A76",
+    "0xd0c": "Neoverse-N1",
+    "0xd0d": "Cortex-A77",
+    "0xd40": "Neoverse-V1",
+    "0xd41": "Cortex-A78",
+    "0xd44": "Cortex-X1",
+    "0xd46": "Cortex-A510",
+    "0xd47": "Cortex-A710",
+    "0xd48": "Cortex-X2",
+    "0xd49": "Neoverse-N2",
+    "0xd4f": "Neoverse-V2",
+}
 
 _MACOS_CODENAMES = {
     "11": "Big Sur",
@@ -214,13 +237,19 @@ def _add_versions(found: dict[str, set[str]], name: str, version: str) -> None:
     found.setdefault(name, set()).add(version.strip())
 
 
+def _version_key(version: str) -> list[tuple[int, int | str]]:
+    """Sort key that puts 3.9 before 3.10 (numbers compare as numbers)."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.findall(r"\d+|[^\d]+", version)]
+
+
 def _join_versions(prefix: str, found: Mapping[str, set[str]]) -> dict[str, str]:
     # Several versions of one name (kernels in rpm, a package in two Pythons) share one key.
     out: dict[str, str] = {}
     for name, versions in found.items():
         part = key_part(name)
         if part:
-            out[f"{prefix}{part}"] = ",".join(sorted(v for v in versions if v) or [""])
+            ordered = sorted((v for v in versions if v), key=_version_key)
+            out[f"{prefix}{part}"] = ",".join(ordered)
     return out
 
 
@@ -321,7 +350,7 @@ def _collect_boot_time() -> dict[str, str]:
 
 
 def _linux_identity() -> dict[str, str]:
-    dmi = Path("/sys/class/dmi/id")
+    dmi = _DMI_DIR
     out: dict[str, str] = {}
     candidates = {
         "hw.manufacturer": ("sys_vendor", "board_vendor", "chassis_vendor"),
@@ -335,6 +364,10 @@ def _linux_identity() -> dict[str, str]:
             if value:
                 out[key] = value
                 break
+    # Lenovo puts the machine type (21HDCTO1WW) in product_name, the model name in version.
+    version = _clean_dmi(_read_text(dmi / "product_version"))
+    if out.get("hw.manufacturer") == "LENOVO" and version and version.startswith("Think"):
+        out["hw.model"] = version
     if "hw.model" in out:
         return out
     # Boards without DMI (Raspberry Pi and other ARM devices) describe themselves in the
@@ -379,6 +412,7 @@ def _windows_identity() -> dict[str, str]:
             for out_key, value_name in (
                 ("hw.manufacturer", "SystemManufacturer"),
                 ("hw.model", "SystemProductName"),
+                ("lenovo.version", "SystemVersion"),
             ):
                 try:
                     value = _clean_dmi(str(winreg.QueryValueEx(key, value_name)[0]))
@@ -387,7 +421,11 @@ def _windows_identity() -> dict[str, str]:
                 if value:
                     out[out_key] = value
     except OSError:
-        pass
+        log.debug("inventory: cannot read the BIOS identity from the registry")
+    # Lenovo puts the machine type in SystemProductName and the model name in SystemVersion.
+    version = out.pop("lenovo.version", "")
+    if out.get("hw.manufacturer") == "LENOVO" and version.startswith("Think"):
+        out["hw.model"] = version
     # The BIOS serial is not in the registry; CIM is the supported way to read it.
     serial = _run(
         [
@@ -428,7 +466,12 @@ def _cpuinfo_fields() -> dict[str, str]:
 def _cpu_model() -> str | None:
     if sys.platform.startswith("linux"):
         fields = _cpuinfo_fields()
-        for name in ("model name", "Processor", "cpu model", "Hardware"):
+        if fields.get("model name"):
+            return fields["model name"]
+        # arm64 kernels only give the implementer and part numbers.
+        if fields.get("CPU implementer") == "0x41" and fields.get("CPU part") in _ARM_PARTS:
+            return _ARM_PARTS[fields["CPU part"]]
+        for name in ("Processor", "cpu model", "Hardware"):
             if fields.get(name):
                 return fields[name]
     elif sys.platform == "darwin":
@@ -601,35 +644,41 @@ def _python_candidates() -> list[str]:
     return out
 
 
-def _other_python_distributions(exe: str, seen_prefixes: set[str]) -> list[tuple[str, str]]:
+def _python_listing(exe: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """(environment prefix, distributions) of another interpreter, or None on failure."""
     text = _run([exe, "-E", "-c", _PIP_SNIPPET], timeout=_PIP_TIMEOUT_S)
     if not text:
-        return []
+        return None
     try:
         data = json.loads(text)
-    except ValueError:
+        prefix = os.path.realpath(str(data["prefix"]))
+        dists = [(str(n), str(v)) for n, v in data["dists"] if n]
+    except (ValueError, KeyError, TypeError):
         log.debug("inventory: unexpected output from %s", exe)
-        return []
-    prefix = os.path.realpath(str(data.get("prefix", "")))
-    # The same environment as one already listed (python3 on PATH may be our own venv).
-    if prefix in seen_prefixes:
-        return []
-    seen_prefixes.add(prefix)
-    return [(str(n), str(v)) for n, v in data.get("dists", []) if n]
+        return None
+    return prefix, dists
 
 
 def _collect_pip() -> dict[str, str]:
     found: dict[str, set[str]] = {}
-    sources: list[Callable[[], list[tuple[str, str]]]] = [_local_distributions]
-    seen_prefixes = {os.path.realpath(sys.prefix)}
-    for exe in _python_candidates():
-        sources.append(functools.partial(_other_python_distributions, exe, seen_prefixes))
-    for source in sources:
-        try:
-            for name, version in source():
+    try:
+        for name, version in _local_distributions():
+            _add_versions(found, normalize_pip_name(name), version)
+    except Exception:
+        log.debug("inventory: listing this interpreter's distributions failed", exc_info=True)
+    candidates = _python_candidates()
+    if candidates:
+        # Interpreter start-up dominates (a pyenv shim alone costs ~0.2 s), so run them together.
+        with ThreadPoolExecutor(max_workers=len(candidates)) as pool:
+            listings = list(pool.map(_python_listing, candidates))
+        # The same environment may be reachable twice (python3 on PATH may be our own venv).
+        seen_prefixes = {os.path.realpath(sys.prefix)}
+        for listing in listings:
+            if listing is None or listing[0] in seen_prefixes:
+                continue
+            seen_prefixes.add(listing[0])
+            for name, version in listing[1]:
                 _add_versions(found, normalize_pip_name(name), version)
-        except Exception:
-            log.debug("inventory: listing Python distributions failed", exc_info=True)
     return _join_versions("sw.pip.", found)
 
 

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from custos.settings import Settings
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def build_settings(**overrides: Any) -> Settings:
@@ -67,7 +67,7 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
     if announce:
         host = settings.host if ":" not in settings.host else f"[{settings.host}]"
         err.print(f"Custos listening on {scheme}://{host}:{settings.port}")
-        err.print(f"CA fingerprint: sha256:{boot.ca.fingerprint}")
+        err.print(f"CA fingerprint: {boot.ca.fingerprint}")
     export_settings(settings)
     uvicorn.run(
         "custos.server.app:app_from_env",

@@ -413,12 +413,19 @@ async def apply_inventory(s: AsyncSession, device: Device, delta: InventoryDelta
     if not changes and device.inventory_version > 0:
         return True
     now = utcnow()
+    first_snapshot = device.inventory_version == 0 and not current
     version = device.inventory_version + 1
     device.inventory = new
     device.inventory_version = version
     device.inventory_updated_at = now
     # the enrolment facts follow the inventory for the keys they share
     if changes:
+        if not first_snapshot:
+            s.add_all(
+                InventoryChange(device_id=device.id, version=version, at=now, key=k, old=o, new=v)
+                for k, o, v in changes
+            )
+        # (the first snapshot is the starting point, not a change: no history rows for it)
         facts = dict(device.facts)
         for k, _old, v in changes:
             if k in facts or k in ("os.name", "os.version", "hw.model", "hw.manufacturer"):
@@ -427,8 +434,4 @@ async def apply_inventory(s: AsyncSession, device: Device, delta: InventoryDelta
                 else:
                     facts[k] = v
         device.facts = facts
-        s.add_all(
-            InventoryChange(device_id=device.id, version=version, at=now, key=k, old=o, new=v)
-            for k, o, v in changes
-        )
     return True
