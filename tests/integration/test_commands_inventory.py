@@ -38,6 +38,8 @@ async def test_command_delivered_until_acked_then_result_recorded(api):
     run = detail["runs"][0]
     assert (run["state"], run["stdout"], run["deliveries"]) == ("succeeded", "hi\n", 2)
     assert detail["counts"] == {"succeeded": 1}
+    light = (await api.get(f"/api/v1/commands/{cmd['id']}", params={"output": "false"})).json()
+    assert light["runs"][0]["stdout"] == "" and light["runs"][0]["state"] == "succeeded"
 
 
 async def test_group_target_and_foreign_results_ignored(api):

@@ -679,14 +679,16 @@ def _wait(client: AdminClient, command_id: str, limit_s: float) -> tuple[dict[st
     err = _err()
     with err.status(f"waiting for {command_id}…") as status:
         while True:
-            detail: dict[str, Any] = client.get(f"/api/v1/commands/{_seg(command_id)}")
+            # poll without outputs; fetch them once at the end
+            path = f"/api/v1/commands/{_seg(command_id)}"
+            detail: dict[str, Any] = client.get(path, params={"output": "false"})
             runs = detail.get("runs") or []
             done = sum(1 for r in runs if r.get("state") in TERMINAL_STATES)
             status.update(f"{done}/{len(runs)} done  [dim]({format_counts(detail['counts'])})[/]")
             if done == len(runs):
-                return detail, True
+                return client.get(path), True
             if time.monotonic() >= deadline:
-                return detail, False
+                return client.get(path), False
             time.sleep(POLL_INTERVAL_S)
 
 

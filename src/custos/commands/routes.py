@@ -42,10 +42,13 @@ async def list_commands(
 
 @admin_router.get("/commands/{command_id}", response_model=CommandDetail)
 async def show_command(
-    command_id: str, _who: Principal = Depends(admin), svc: Services = Depends(services)
+    command_id: str,
+    output: bool = Query(default=True, description="false: leave stdout/stderr out (polling)"),
+    _who: Principal = Depends(admin),
+    svc: Services = Depends(services),
 ) -> CommandDetail:
     """A command with every device's run."""
-    return await svc.commands.show(command_id)
+    return await svc.commands.show(command_id, output=output)
 
 
 @admin_router.get("/runs/{run_id}/file")

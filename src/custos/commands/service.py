@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
 
 from custos.commands.models import Command, CommandRun, Upload
 from custos.commands.schemas import (
@@ -123,8 +124,8 @@ class CommandService:
             counts=counts,
         )
 
-    async def show(self, command_id: str) -> CommandDetail:
-        """A command and all its runs."""
+    async def show(self, command_id: str, *, output: bool = True) -> CommandDetail:
+        """A command and all its runs (without stdout/stderr when output is False: for polling)."""
         async with self.db.read() as s:
             c = await s.get(Command, command_id)
             if c is None:
@@ -135,16 +136,19 @@ class CommandService:
                     .join(Device, Device.id == CommandRun.device_id)
                     .where(CommandRun.command_id == command_id)
                     .order_by(Device.name)
+                    .options(
+                        *(() if output else (defer(CommandRun.stdout), defer(CommandRun.stderr)))
+                    )
                 )
             ).all()
-        runs = [self._run_out(r, name) for r, name in rows]
+        runs = [self._run_out(r, name, output=output) for r, name in rows]
         counts: dict[str, int] = {}
         for r in runs:
             counts[r.state] = counts.get(r.state, 0) + 1
         return CommandDetail(**self._out(c, counts).model_dump(), runs=runs)
 
     @staticmethod
-    def _run_out(r: CommandRun, name: str) -> RunOut:
+    def _run_out(r: CommandRun, name: str, *, output: bool = True) -> RunOut:
         return RunOut(
             id=r.id,
             command_id=r.command_id,
@@ -158,8 +162,8 @@ class CommandService:
             finished_at=r.finished_at,
             received_at=r.received_at,
             exit_code=r.exit_code,
-            stdout=r.stdout,
-            stderr=r.stderr,
+            stdout=r.stdout if output else "",
+            stderr=r.stderr if output else "",
             truncated=r.truncated,
             error=r.error,
             result=r.result,
