@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -62,6 +63,9 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer: serialising our own write transactions avoids lock-upgrade
+        # failures ("database is locked") and busy-waiting inside the database
+        self._write_lock = asyncio.Lock() if url.startswith("sqlite") else None
 
     @property
     def dialect(self) -> str:
@@ -71,11 +75,18 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[UnitOfWork]:
         """A unit of work that commits on success, rolls back on error, then fires hooks."""
-        async with self.sessionmaker() as session:
+        if self._write_lock is None:
+            async with self.sessionmaker() as session:
+                uow = UnitOfWork(session)
+                async with session.begin():
+                    yield uow
+                uow.run_after_commit()
+            return
+        async with self._write_lock, self.sessionmaker() as session:
             uow = UnitOfWork(session)
             async with session.begin():
                 yield uow
-            uow.run_after_commit()
+        uow.run_after_commit()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:

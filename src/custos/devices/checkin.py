@@ -35,6 +35,19 @@ class DeviceCheckin:
     async def checkin(self, auth: DeviceAuth, req: CheckinRequest) -> CheckinResponse:
         """Record what the device sent and return its pending work, in one transaction."""
         self._seen[auth.device_id] = (utcnow(), round(auth.skew_s, 1), req.agent_version)
+        if not (req.results or req.acks or req.inventory is not None):
+            # the common case: nothing to record; one read, and no transaction unless work waits
+            async with self.db.read() as s:
+                waiting = await self.commands.has_pending(s, auth.device_id)
+            if not waiting:
+                return CheckinResponse(
+                    commands=[],
+                    accepted_results=[],
+                    inventory_version=-1,
+                    inventory_resync=False,
+                    checkin_interval=self.interval,
+                    server_time=time.time(),
+                )
         resync = False
         version: int | None = None
         async with self.db.transaction() as uow:

@@ -1,0 +1,790 @@
+"""Simulated devices that enrol and check in over the real agent protocol, thousands per process.
+
+Every device has its own Ed25519 key and signs its requests exactly as the agent does; all of
+them share one pooled HTTP client. Commands are executed in simulation only: nothing is run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import heapq
+import itertools
+import logging
+import os
+import random
+import time
+import zlib
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import NameOID
+
+from custos import __version__, protocol
+from custos.agent.client import pinned_context
+from custos.agent.identity import ca_fingerprint, fetch_pinned_ca
+from custos.agent.inventory import FACT_KEYS, inventory_delta
+from custos.sim.inventory import fake_inventory, mutate_inventory
+
+log = logging.getLogger("custos.sim")
+
+AGENT_VERSION = f"{__version__}+sim"
+STATE_FORMAT = 1
+MAX_BACKOFF_S = 300.0
+ENROLL_ATTEMPTS = 5
+FOLLOW_UPS = 5  # immediate extra check-ins to report results, per cycle
+STOP_GRACE_S = 3.0  # how long in-flight check-ins may finish after stop
+NO_FILE_SYSTEM = "simulated device: no file system"
+
+
+class FleetError(Exception):
+    """The fleet cannot go on (e.g. the server refused the enrolment token)."""
+
+
+class _Refused(Exception):
+    """The server refused this device (401/403): it stops."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying later (network, 5xx, 429, an unexpected answer)."""
+
+
+@dataclass(frozen=True)
+class FleetStats:
+    """A snapshot of the fleet's counters, for a status line."""
+
+    devices: int
+    enrolled: int
+    active: int
+    checkins: int
+    checkins_per_s: float
+    commands_done: int
+    errors: int
+    refused: int
+    last_error: str = ""
+
+    def summary(self) -> str:
+        """One line: enrolled x/N, active, check-ins/s, commands, errors, refused."""
+        return (
+            f"enrolled {self.enrolled}/{self.devices} · active {self.active} · "
+            f"{self.checkins_per_s:.1f} check-ins/s ({self.checkins} total) · "
+            f"{self.commands_done} commands done · {self.errors} errors · "
+            f"{self.refused} refused"
+        )
+
+
+class _Rate:
+    """Events per second over the last few whole seconds (fixed buckets, O(1) per event)."""
+
+    def __init__(self, window: int = 5) -> None:
+        self.window = window
+        self._counts = [0] * (window + 1)
+        self._secs = [-1] * (window + 1)
+
+    def add(self, n: int = 1) -> None:
+        sec = int(time.monotonic())
+        i = sec % len(self._counts)
+        if self._secs[i] != sec:
+            self._secs[i] = sec
+            self._counts[i] = 0
+        self._counts[i] += n
+
+    def per_second(self) -> float:
+        now = int(time.monotonic())
+        total = sum(
+            c
+            for c, s in zip(self._counts, self._secs, strict=True)
+            if now - s in range(1, self.window + 1)
+        )
+        return total / self.window
+
+
+def _iso(ts: float | None = None) -> str:
+    return datetime.fromtimestamp(time.time() if ts is None else ts, UTC).isoformat()
+
+
+def _error_of(resp: httpx.Response) -> tuple[str, str]:
+    try:
+        data = orjson.loads(resp.content)
+        return str(data.get("error", "error")), str(data.get("detail", ""))
+    except (orjson.JSONDecodeError, AttributeError):
+        return "error", resp.text[:200] or resp.reason_phrase
+
+
+class SimDevice:
+    """One simulated device: key, identity, inventory, and what it still has to tell the server."""
+
+    __slots__ = (
+        "_inv",
+        "acks",
+        "device_id",
+        "done",
+        "failures",
+        "hostname",
+        "index",
+        "interval_override",
+        "inventory_version",
+        "key",
+        "ok",
+        "pending_remove",
+        "pending_set",
+        "refused",
+        "results",
+        "seed",
+    )
+
+    def __init__(self, index: int, seed: int) -> None:
+        self.index = index
+        self.seed = seed
+        self.key: ed25519.Ed25519PrivateKey | None = None
+        self.device_id = ""
+        self.hostname = ""
+        self._inv = b""  # the current inventory as zlib-compressed JSON: ~2 KB a device
+        self.inventory_version = 0  # the version the server acknowledged; 0: send it all
+        self.pending_set: dict[str, str] = {}
+        self.pending_remove: set[str] = set()
+        self.acks: list[str] = []
+        self.results: list[dict[str, Any]] = []
+        self.done: deque[str] = deque(maxlen=64)  # recent run ids, so none runs twice
+        self.interval_override: float | None = None
+        self.ok = False
+        self.refused = False
+        self.failures = 0
+
+    @property
+    def enrolled(self) -> bool:
+        """Whether the device has an identity on the server."""
+        return bool(self.device_id) and self.key is not None
+
+    def inventory(self) -> dict[str, str]:
+        """The device's current inventory (made up from its seed and index on first use)."""
+        if not self._inv:
+            rng = random.Random(f"custos-sim:{self.seed}:{self.index}")  # noqa: S311 - fake data
+            inv = fake_inventory(rng, self.index, now=datetime.now(UTC))
+            self._store(inv)
+            return inv
+        data: dict[str, str] = orjson.loads(zlib.decompress(self._inv))
+        return data
+
+    def _store(self, inv: Mapping[str, str]) -> None:
+        self._inv = zlib.compress(orjson.dumps(inv), 1)
+        self.hostname = inv.get("os.hostname") or self.hostname or f"sim-{self.index:05d}"
+
+    def change(self, new: Mapping[str, str]) -> None:
+        """Adopt a new inventory; the difference goes to the server at the next check-in."""
+        changed, removed = inventory_delta(self.inventory(), new)
+        for k in removed:
+            self.pending_set.pop(k, None)
+            self.pending_remove.add(k)
+        for k, v in changed.items():
+            self.pending_remove.discard(k)
+            self.pending_set[k] = v
+        self._store(new)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What is persisted: index, seed, id, name and the private key."""
+        assert self.key is not None
+        return {
+            "index": self.index,
+            "seed": self.seed,
+            "device_id": self.device_id,
+            "name": self.hostname,
+            "key": base64.b64encode(self.key.private_bytes_raw()).decode(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SimDevice:
+        """A device saved by to_dict (its inventory is made again and sent in full)."""
+        dev = cls(int(data["index"]), int(data["seed"]))
+        dev.device_id = str(data["device_id"])
+        dev.hostname = str(data.get("name") or "")
+        dev.key = ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(data["key"]))
+        return dev
+
+
+class SimFleet:
+    """Many simulated agents against one server, sharing one pooled HTTP client."""
+
+    def __init__(
+        self,
+        server_url: str,
+        token: str,
+        *,
+        count: int,
+        ca_fingerprint: str | None = None,
+        seed: int = 0,
+        interval: float | None = None,
+        concurrency: int = 16,
+        transport: httpx.AsyncBaseTransport | None = None,
+        inventory_change_rate: float = 0.02,
+        timeout: float = 30.0,
+    ) -> None:
+        if count < 0:
+            raise ValueError("count must not be negative")
+        if interval is not None and interval <= 0:
+            raise ValueError("interval must be positive")
+        self.server_url = server_url.rstrip("/")
+        self.token = token
+        self.count = count
+        self.ca_fingerprint = ca_fingerprint
+        self.seed = seed
+        self.interval = interval  # None: the interval the server asks for
+        self.concurrency = max(1, concurrency)
+        self.transport = transport
+        self.inventory_change_rate = inventory_change_rate
+        self.timeout = timeout
+        self._rng = random.Random(f"custos-sim-fleet:{seed}")  # noqa: S311 - jitter, fake data
+        self._all: dict[int, SimDevice] = {}
+        self._loaded_ca: str | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._server_interval = 60.0
+        self._clock_offset = 0.0
+        url = httpx.URL(self.server_url + protocol.DEVICE_API + "/checkin")
+        self._checkin_url = str(url)
+        self._checkin_path = url.raw_path.decode("ascii")
+        self._enroll_url = self.server_url + protocol.DEVICE_API + "/enroll"
+        self._seq = itertools.count()
+        self._enrolled = 0
+        self._active = 0
+        self._checkins = 0
+        self._commands_done = 0
+        self._errors = 0
+        self._refused = 0
+        self._last_error = ""
+        self._rate = _Rate()
+
+    # --- devices and their persistence ---
+
+    @property
+    def devices(self) -> list[SimDevice]:
+        """The fleet's devices, numbered 1..count (made on first access)."""
+        out = []
+        for i in range(1, self.count + 1):
+            dev = self._all.get(i)
+            if dev is None:
+                dev = self._all[i] = SimDevice(i, self.seed)
+            out.append(dev)
+        return out
+
+    def load(self, path: Path) -> int:
+        """Reuse identities saved by save(); returns how many were read (0 if no file)."""
+        try:
+            data = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            return 0
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise FleetError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            raise FleetError(f"{path} is not a simulated fleet file")
+        self._loaded_ca = data.get("ca_fingerprint")
+        n = 0
+        for item in data.get("devices", []):
+            try:
+                dev = SimDevice.from_dict(item)
+            except (KeyError, ValueError, TypeError) as exc:
+                raise FleetError(f"{path}: bad device entry: {exc}") from exc
+            self._all[dev.index] = dev
+            n += 1
+        self._enrolled = sum(1 for d in self.devices if d.enrolled)
+        return n
+
+    def save(self, path: Path) -> None:
+        """Write every enrolled identity (keys included: the file is private, mode 0600)."""
+        data = {
+            "format": STATE_FORMAT,
+            "server_url": self.server_url,
+            "ca_fingerprint": self._loaded_ca,
+            "devices": [d.to_dict() for _, d in sorted(self._all.items()) if d.enrolled],
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+        os.replace(tmp, path)
+
+    # --- counters ---
+
+    def stats(self) -> FleetStats:
+        """The current counters."""
+        return FleetStats(
+            devices=self.count,
+            enrolled=self._enrolled,
+            active=self._active,
+            checkins=self._checkins,
+            checkins_per_s=self._rate.per_second(),
+            commands_done=self._commands_done,
+            errors=self._errors,
+            refused=self._refused,
+            last_error=self._last_error,
+        )
+
+    def _error(self, message: str) -> None:
+        self._errors += 1
+        self._last_error = message
+        log.debug("sim: %s", message)
+
+    def _set_ok(self, dev: SimDevice, ok: bool) -> None:
+        if dev.ok != ok:
+            dev.ok = ok
+            self._active += 1 if ok else -1
+
+    # --- enrolment ---
+
+    def _client(self, ca_pem: str) -> httpx.AsyncClient:
+        verify = pinned_context(ca_pem) if self.server_url.startswith("https://") else False
+        limits = httpx.Limits(
+            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
+        )
+        return httpx.AsyncClient(
+            verify=verify,
+            transport=self.transport,
+            timeout=self.timeout,
+            limits=limits,
+            headers={"user-agent": f"custos-sim/{__version__}"},
+        )
+
+    async def enroll_all(self) -> int:
+        """Pin the CA, then enrol every device that has no identity yet; returns how many."""
+        ca_pem = await fetch_pinned_ca(self.server_url, self.ca_fingerprint, self.transport)
+        fingerprint = ca_fingerprint(ca_pem)
+        if self._loaded_ca and self._loaded_ca != fingerprint:
+            log.warning("sim: the server has another CA now; enrolling the fleet afresh")
+            self._all.clear()
+            self._enrolled = 0
+        self._loaded_ca = fingerprint
+        if self._http is None:
+            self._http = self._client(ca_pem)
+        todo = [d for d in self.devices if not d.enrolled]
+        if not todo:
+            return 0
+        before = self._enrolled
+        queue: Iterator[SimDevice] = iter(todo)
+        failures: list[BaseException] = []
+
+        async def worker() -> None:
+            for dev in queue:
+                if failures:
+                    return
+                try:
+                    await self._enroll_one(dev)
+                except Exception as exc:  # the first failure stops the others
+                    failures.append(exc)
+                    return
+
+        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(todo)))))
+        if failures:
+            raise failures[0]
+        return self._enrolled - before
+
+    async def _enroll_one(self, dev: SimDevice) -> None:
+        assert self._http is not None
+        inv = dev.inventory()
+        facts = {k: inv[k] for k in FACT_KEYS if inv.get(k)}
+        key = ed25519.Ed25519PrivateKey.generate()
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dev.hostname)]))
+            .sign(key, None)
+        )
+        body = orjson.dumps(
+            {
+                "token": self.token,
+                "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+                "name": dev.hostname,
+                "facts": facts,
+                "agent_version": AGENT_VERSION,
+            }
+        )
+        for attempt in range(ENROLL_ATTEMPTS):
+            try:
+                resp = await self._http.post(
+                    self._enroll_url, content=body, headers={"content-type": "application/json"}
+                )
+            except httpx.HTTPError as exc:
+                self._error(f"enrolment of {dev.hostname}: {type(exc).__name__}: {exc}")
+            else:
+                if resp.status_code == 201:
+                    data = orjson.loads(resp.content)
+                    dev.key = key
+                    dev.device_id = str(data["device_id"])
+                    self._server_interval = float(data.get("checkin_interval") or 60)
+                    self._enrolled += 1
+                    return
+                code, detail = _error_of(resp)
+                if resp.status_code < 500 and resp.status_code != 429:
+                    raise FleetError(f"the server refused enrolment: {detail} ({code})")
+                self._error(f"enrolment of {dev.hostname}: HTTP {resp.status_code}: {detail}")
+            await asyncio.sleep(min(10.0, 0.5 * 2**attempt) * self._rng.uniform(0.5, 1.0))
+        log.warning("sim: gave up enrolling %s", dev.hostname)
+
+    # --- check-ins ---
+
+    def _interval_of(self, dev: SimDevice) -> float:
+        return dev.interval_override or self.interval or self._server_interval
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Check every enrolled device in at its interval (with jitter) until stop is set."""
+        if self._http is None:
+            raise FleetError("enroll_all() must run first")
+        live = [d for d in self.devices if d.enrolled and not d.refused]
+        now = time.monotonic()
+        # the first check-ins are spread over one interval: no thundering herd
+        heap = [
+            (now + self._rng.uniform(0, self._interval_of(d)), next(self._seq), d) for d in live
+        ]
+        heapq.heapify(heap)
+        queue: asyncio.Queue[SimDevice | None] = asyncio.Queue()
+        workers = [
+            asyncio.create_task(self._worker(queue, heap, stop))
+            for _ in range(max(1, min(self.concurrency, len(live))))
+        ]
+        waiter = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                while heap and heap[0][0] <= now:
+                    queue.put_nowait(heapq.heappop(heap)[2])
+                delay = min(0.25, heap[0][0] - now) if heap else 0.25
+                await asyncio.wait((waiter,), timeout=max(0.001, delay))
+        finally:
+            waiter.cancel()
+            for _ in workers:
+                queue.put_nowait(None)
+            _, pending = await asyncio.wait(workers, timeout=STOP_GRACE_S)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _worker(
+        self,
+        queue: asyncio.Queue[SimDevice | None],
+        heap: list[tuple[float, int, SimDevice]],
+        stop: asyncio.Event,
+    ) -> None:
+        while True:
+            dev = await queue.get()
+            if dev is None or stop.is_set():
+                return
+            delay = await self._cycle(dev)
+            if delay is not None:
+                heapq.heappush(heap, (time.monotonic() + delay, next(self._seq), dev))
+
+    async def checkin_once(self, dev: SimDevice) -> float | None:
+        """One cycle for one device (with follow-ups); the delay until its next, None if refused."""
+        if self._http is None:
+            raise FleetError("enroll_all() must run first")
+        return await self._cycle(dev)
+
+    async def _cycle(self, dev: SimDevice) -> float | None:
+        for _ in range(1 + FOLLOW_UPS):
+            payload = self._payload(dev)
+            try:
+                resp = await self._send(dev, orjson.dumps(payload))
+            except _Refused as exc:
+                dev.refused = True
+                self._refused += 1
+                self._set_ok(dev, False)
+                log.info("sim: %s was refused: %s", dev.hostname, exc)
+                return None
+            except _Transient as exc:
+                dev.failures += 1
+                self._set_ok(dev, False)
+                self._error(f"{dev.hostname}: {exc}")
+                backoff = min(MAX_BACKOFF_S, 2.0 ** min(dev.failures, 10))
+                return backoff * self._rng.uniform(0.5, 1.0)
+            dev.failures = 0
+            self._set_ok(dev, True)
+            self._checkins += 1
+            self._rate.add()
+            self._absorb(dev, payload, resp)
+            if not (dev.results or dev.acks or dev.inventory_version <= 0):
+                break
+        return self._interval_of(dev) * self._rng.uniform(0.9, 1.1)
+
+    def _payload(self, dev: SimDevice) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "agent_version": AGENT_VERSION,
+            "results": dev.results[:100],
+            "acks": dev.acks[:500],
+        }
+        if dev.inventory_version <= 0:
+            dev.pending_set.clear()
+            dev.pending_remove.clear()
+            payload["inventory"] = {"base": 0, "full": True, "set": dev.inventory(), "remove": []}
+            return payload
+        if self.inventory_change_rate > 0 and self._rng.random() < self.inventory_change_rate:
+            dev.change(mutate_inventory(self._rng, dev.inventory()))
+        if dev.pending_set or dev.pending_remove:
+            payload["inventory"] = {
+                "base": dev.inventory_version,
+                "full": False,
+                "set": dict(dev.pending_set),
+                "remove": sorted(dev.pending_remove),
+            }
+        return payload
+
+    async def _send(self, dev: SimDevice, body: bytes) -> dict[str, Any]:
+        assert self._http is not None and dev.key is not None
+        for attempt in (0, 1):
+            ts = int(time.time() + self._clock_offset)
+            headers = protocol.sign_request(
+                dev.key, dev.device_id, "POST", self._checkin_path, body, ts
+            )
+            headers["content-type"] = "application/json"
+            try:
+                resp = await self._http.post(self._checkin_url, content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+            if resp.status_code == 200:
+                try:
+                    data: dict[str, Any] = orjson.loads(resp.content)
+                except orjson.JSONDecodeError as exc:
+                    raise _Transient("the server's answer is not JSON") from exc
+                return data
+            code, detail = _error_of(resp)
+            server_time = resp.headers.get(protocol.H_SERVER_TIME)
+            if resp.status_code == 401 and code == "clock_skew" and attempt == 0 and server_time:
+                self._clock_offset = float(server_time) - time.time()
+                continue
+            if resp.status_code in (401, 403):
+                raise _Refused(f"{detail} ({code})")
+            raise _Transient(f"HTTP {resp.status_code}: {detail} ({code})")
+        raise _Transient("clock correction did not help")
+
+    def _absorb(self, dev: SimDevice, payload: dict[str, Any], resp: dict[str, Any]) -> None:
+        accepted = set(resp.get("accepted_results") or ())
+        if accepted:
+            dev.results = [r for r in dev.results if r["run_id"] not in accepted]
+        del dev.acks[: len(payload["acks"])]
+        if "inventory" in payload:
+            if resp.get("inventory_resync"):
+                dev.inventory_version = 0
+            else:
+                dev.inventory_version = int(resp.get("inventory_version", 0))
+                dev.pending_set.clear()
+                dev.pending_remove.clear()
+        if resp.get("checkin_interval"):
+            self._server_interval = float(resp["checkin_interval"])
+        for cmd in resp.get("commands") or ():
+            self._execute(dev, cmd)
+
+    def _execute(self, dev: SimDevice, cmd: Mapping[str, Any]) -> None:
+        run_id = str(cmd["run_id"])
+        dev.acks.append(run_id)
+        if run_id in dev.done:
+            return  # delivered again before our result arrived: never run twice
+        dev.done.append(run_id)
+        started = time.time()
+        try:
+            result = simulate(
+                dev, str(cmd.get("kind")), cmd.get("payload") or {}, cmd.get("expires_at")
+            )
+        except Exception as exc:  # a malformed payload must not stop the device
+            result = {"state": "failed", "error": f"simulated agent error: {exc}"}
+        result.setdefault("state", "succeeded")
+        result.update(run_id=run_id, started_at=_iso(started), finished_at=_iso())
+        dev.results.append(result)
+        self._commands_done += 1
+
+    async def aclose(self) -> None:
+        """Close the shared HTTP client."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def __aenter__(self) -> SimFleet:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+# --- what a simulated device does with a command ---
+
+
+def simulate(
+    dev: SimDevice, kind: str, payload: Mapping[str, Any], expires_at: Any = None
+) -> dict[str, Any]:
+    """The result a simulated device reports for one command (nothing is executed)."""
+    result = _simulate(dev, kind, payload, expires_at)
+    result.setdefault("state", "succeeded")
+    return result
+
+
+def _simulate(
+    dev: SimDevice, kind: str, payload: Mapping[str, Any], expires_at: Any
+) -> dict[str, Any]:
+    if expires_at and datetime.fromisoformat(str(expires_at)).timestamp() <= time.time():
+        return {"state": "expired", "error": "the command expired before it could run"}
+    if kind == "ping":
+        return {"result": {"pong": True, "agent_time": time.time(), "agent_version": AGENT_VERSION}}
+    if kind == "exec":
+        argv = [str(a) for a in payload.get("argv") or ()]
+        return _ok(fake_output(dev, argv), {"duration_s": 0.0, "timed_out": False})
+    if kind == "script":
+        script = str(payload.get("script") or "")
+        args = [str(a) for a in payload.get("args") or ()]
+        out = (
+            f"simulated: would run a {payload.get('interpreter')} script "
+            f"({len(script.encode())} bytes) with arguments {args!r}\n"
+        )
+        return _ok(out, {"duration_s": 0.0, "timed_out": False})
+    if kind == "settings":
+        interval = int(payload["checkin_interval"])
+        dev.interval_override = float(interval)
+        return {"result": {"checkin_interval": interval}}
+    if kind == "reboot":
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        inv = dev.inventory()
+        if "os.boot_time" in inv:
+            dev.change({**inv, "os.boot_time": now})
+        return {"result": {"reboot": "simulated", "argv": []}}
+    if kind == "collect_file":
+        return {"state": "failed", "error": NO_FILE_SYSTEM}
+    return {"state": "rejected", "error": f"this agent does not know the command kind {kind!r}"}
+
+
+def _ok(stdout: str, result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "state": "succeeded",
+        "exit_code": 0,
+        "stdout": stdout,
+        "stderr": "",
+        "truncated": False,
+        "result": {**result, "simulated": True},
+    }
+
+
+def fake_output(dev: SimDevice, argv: list[str]) -> str:
+    """Plausible stdout for a few well-known command lines; a note for anything else."""
+    if not argv:
+        return ""
+    name = argv[0].replace("\\", "/").rsplit("/", 1)[-1].lower().removesuffix(".exe")
+    args = argv[1:]
+    if name == "echo":
+        return " ".join(args) + "\n"
+    if name == "true" and not args:
+        return ""
+    if name in ("hostname", "whoami", "uname", "uptime", "df", "id"):
+        inv = dev.inventory()
+        host = inv.get("os.hostname") or dev.hostname
+        family = _family(inv)
+        if name == "hostname" and not args:
+            return host + "\n"
+        if name == "whoami" and not args:
+            return ("nt authority\\system" if family == "windows" else "root") + "\n"
+        if name == "id" and not args:
+            return "uid=0(root) gid=0(root) groups=0(root)\n"
+        if name == "uname" and args in ([], ["-s"]):
+            return {"linux": "Linux", "macos": "Darwin"}.get(family, "MINGW64_NT-10.0") + "\n"
+        if name == "uname" and args == ["-a"]:
+            return _uname_a(inv, host, family) + "\n"
+        if name == "uptime" and not args:
+            return _uptime(inv) + "\n"
+        if name == "df" and args in (["-h"], ["-hT"], ["-Th"]):
+            return _df_h(dev, inv)
+    return f"simulated: would run {argv!r}\n"
+
+
+def _family(inv: Mapping[str, str]) -> str:
+    os_name = inv.get("os.name", "")
+    if os_name.startswith("Windows"):
+        return "windows"
+    if os_name == "macOS":
+        return "macos"
+    return "linux"
+
+
+def _uname_a(inv: Mapping[str, str], host: str, family: str) -> str:
+    kernel = inv.get("os.kernel", "6.1.0")
+    arch = inv.get("os.arch", "x86_64")
+    if family == "macos":
+        return (
+            f"Darwin {host}.local {kernel} Darwin Kernel Version {kernel}: "
+            f"Thu Jun 13 20:21:29 PDT 2024; root:xnu-10063.141.1~2/RELEASE_ARM64_T6000 {arch}"
+        )
+    if family == "windows":
+        pretty = inv.get("os.pretty", "")
+        build = pretty.rsplit("build ", 1)[-1].split(".", 1)[0] if "build " in pretty else "19045"
+        return (
+            f"MINGW64_NT-10.0-{build} {host} 3.5.4-0bc1222b.x86_64 2024-09-04 18:28 UTC x86_64 Msys"
+        )
+    if inv.get("os.name") == "Ubuntu":
+        abi = kernel.split("-")[1] if "-" in kernel else "1"
+        build = f"#{abi}-Ubuntu SMP PREEMPT_DYNAMIC Fri Aug  2 20:41:06 UTC 2024"
+    else:
+        build = "#1 SMP PREEMPT_DYNAMIC Debian 6.1.112-1 (2024-09-30)"
+    return f"Linux {host} {kernel} {build} {arch} GNU/Linux"
+
+
+def _uptime(inv: Mapping[str, str]) -> str:
+    now = datetime.now(UTC)
+    try:
+        booted = datetime.strptime(inv["os.boot_time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        up = max(60, int((now - booted).total_seconds()))
+    except (KeyError, ValueError):
+        up = 3600
+    days, rest = divmod(up, 86400)
+    hours, minutes = rest // 3600, rest % 3600 // 60
+    parts = []
+    if days:
+        parts.append(f"{days} day{'s' if days != 1 else ''}")
+    parts.append(f"{hours:2d}:{minutes:02d}" if hours else f"{minutes} min")
+    rng = random.Random(inv.get("hw.serial", "") + str(up // 60))  # noqa: S311 - fake data
+    load = ", ".join(f"{rng.uniform(0.02, 1.5):.2f}" for _ in range(3))
+    return f" {now:%H:%M:%S} up {',  '.join(parts)},  1 user,  load average: {load}"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:.1f}{unit}" if n < 10 and unit != "B" else f"{n:.0f}{unit}"
+        n /= 1024
+    return f"{n:.0f}T"
+
+
+def _disks(inv: Mapping[str, str]) -> Iterable[tuple[str, str, int]]:
+    mounts: dict[str, dict[str, str]] = {}
+    for key, value in inv.items():
+        if key.startswith("hw.disk."):
+            mount, _, field = key[len("hw.disk.") :].rpartition(".")
+            mounts.setdefault(mount, {})[field] = value
+    for mount, info in sorted(mounts.items()):
+        try:
+            total = int(info.get("total_bytes", "0"))
+        except ValueError:
+            continue
+        yield mount, info.get("device", mount), total
+
+
+def _df_h(dev: SimDevice, inv: Mapping[str, str]) -> str:
+    rows = [("Filesystem", "Size", "Used", "Avail", "Use%", "Mounted on")]
+    for mount, device, total in _disks(inv):
+        used_share = random.Random(f"{dev.device_id}:{mount}").uniform(0.08, 0.86)  # noqa: S311
+        used = int(total * used_share)
+        rows.append(
+            (
+                device,
+                _human(total),
+                _human(used),
+                _human(total - used),
+                f"{round(used_share * 100)}%",
+                mount,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = []
+    for r in rows:
+        cells = [r[0].ljust(widths[0])]
+        cells += [c.rjust(w) for c, w in zip(r[1:5], widths[1:], strict=True)]
+        lines.append(" ".join(cells) + " " + r[5])
+    return "\n".join(lines) + "\n"
