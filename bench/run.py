@@ -333,8 +333,6 @@ class Deployment:
         if self.db_url:
             argv += ["--db", self.db_url]
         env = {"CUSTOS_ADMIN_PASSWORD": password}
-        if args.identity_cache_ttl is not None:
-            env["CUSTOS_IDENTITY_CACHE_TTL_S"] = str(args.identity_cache_ttl)
         scheme = "http" if transport == "http" else "https"
         return Server(
             name=f"custos/{self.db}",
@@ -532,12 +530,6 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="wrk threads [2]")
     ap.add_argument("--connections", type=int, default=64, help="wrk connections [64]")
     ap.add_argument(
-        "--identity-cache-ttl",
-        type=float,
-        default=None,
-        help="override the server's identity_cache_ttl_s (default: its own)",
-    )
-    ap.add_argument(
         "--record",
         nargs="?",
         const=str(RESULTS),
@@ -649,8 +641,6 @@ def main() -> int:
         f"-d{args.duration}s (after {args.warmup}s warm-up), empty check-in "
         '`{"results":[],"acks":[]}`'
     )
-    if args.identity_cache_ttl is not None:
-        settings += f", identity_cache_ttl_s={args.identity_cache_ttl}"
     invalid = [r for r in results if not r.valid]
     noisy = [r for r in results if r.seconds and r.other_cpu_s / r.seconds > NOISE_CORES]
     noise_note = (

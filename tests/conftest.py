@@ -87,7 +87,6 @@ def settings(db_url: str, tmp_path: Path) -> Any:
         db=db_url,
         admin_password=ADMIN_PASSWORD,
         last_seen_flush_s=0.2,
-        identity_cache_ttl_s=0.0,
     )
 
 

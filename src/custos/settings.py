@@ -35,7 +35,6 @@ class Settings(BaseSettings):
     # device protocol
     checkin_interval_s: int = 60
     signature_skew_s: int = 300
-    identity_cache_ttl_s: float = 5.0
     last_seen_flush_s: float = 5.0
 
     # limits on what a client controls

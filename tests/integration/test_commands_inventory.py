@@ -70,7 +70,9 @@ async def test_not_before_and_expiry(api):
     detail = (await api.get(f"/api/v1/commands/{cmd['id']}")).json()
     assert detail["runs"][0]["state"] == "expired"
     past = (utcnow() - timedelta(seconds=5)).isoformat()
-    r = await api.post("/api/v1/commands", json={"target": "timed", "kind": "ping", "expires_at": past})
+    r = await api.post(
+        "/api/v1/commands", json={"target": "timed", "kind": "ping", "expires_at": past}
+    )
     assert r.status_code == 422
 
 
@@ -89,7 +91,9 @@ async def test_bad_command_requests_write_nothing(api):
         assert r.status_code == status, (body, r.text)
         assert set(r.json()) == {"error", "detail"}
     r = await api.http.post(
-        "/api/v1/commands", content=b"{not json", headers={**api.auth, "content-type": "application/json"}
+        "/api/v1/commands",
+        content=b"{not json",
+        headers={**api.auth, "content-type": "application/json"},
     )
     assert r.status_code == 422
     async with api.services.db.read() as s:

@@ -171,15 +171,6 @@ class CommandService:
 
     # --- device side (called by the check-in, inside its transaction) ---
 
-    async def has_pending(self, s: AsyncSession, device_id: str) -> bool:
-        """Whether any run waits for this device (one indexed lookup)."""
-        row = await s.scalar(
-            select(CommandRun.id)
-            .where(CommandRun.device_id == device_id, CommandRun.state.in_(PENDING))
-            .limit(1)
-        )
-        return row is not None
-
     async def take_pending(
         self, s: AsyncSession, device_id: str, limit: int
     ) -> list[DeliveredCommand]:

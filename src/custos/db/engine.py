@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.sql.base import Executable
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
@@ -30,7 +31,9 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    # no pre-ping: it costs a round trip per checkout on the hot path; a connection found dead
+    # fails one request (the agent retries) and SQLAlchemy then invalidates the pool
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
 
 
 class UnitOfWork:
@@ -63,6 +66,8 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        # single-statement reads need no BEGIN/ROLLBACK around them
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         # SQLite has one writer: serialising our own write transactions avoids lock-upgrade
         # failures ("database is locked") and busy-waiting inside the database
         self._write_lock = asyncio.Lock() if url.startswith("sqlite") else None
@@ -93,6 +98,16 @@ class Database:
         """A session for reads only."""
         async with self.sessionmaker() as session:
             yield session
+
+    async def fetch_one(self, stmt: Executable, params: dict[str, Any]) -> Any:
+        """One row from a read-only statement, without a session or a transaction (hot paths)."""
+        async with self._autocommit.connect() as conn:
+            return (await conn.execute(stmt, params)).first()
+
+    async def scalar(self, stmt: Executable, params: dict[str, Any]) -> Any:
+        """The first column of the first row of a read-only statement, or None."""
+        row = await self.fetch_one(stmt, params)
+        return None if row is None else row[0]
 
     async def ping(self) -> None:
         """Round-trip to the database."""

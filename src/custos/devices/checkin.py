@@ -6,12 +6,13 @@ import logging
 import time
 from datetime import datetime
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, select, update
 
-from custos.commands.service import CommandService
+from custos.commands.models import CommandRun
+from custos.commands.service import PENDING, CommandService
 from custos.db.base import utcnow
 from custos.db.engine import Database
-from custos.devices.identity import DeviceAuth
+from custos.devices.identity import DeviceAuth, ensure_active
 from custos.devices.models import Device
 from custos.devices.schemas import CheckinRequest, CheckinResponse
 from custos.devices.service import apply_inventory
@@ -31,23 +32,32 @@ class DeviceCheckin:
         self.interval = interval
         self.max_commands = max_commands
         self._seen: dict[str, tuple[datetime, float, str]] = {}
+        pending = (
+            select(CommandRun.id)
+            .where(CommandRun.device_id == Device.id, CommandRun.state.in_(PENDING))
+            .exists()
+        )
+        self._status_stmt = select(Device.status, pending).where(
+            Device.id == bindparam("device_id")
+        )
 
     async def checkin(self, auth: DeviceAuth, req: CheckinRequest) -> CheckinResponse:
         """Record what the device sent and return its pending work, in one transaction."""
+        # one query tells whether the device is still active and whether work waits for it
+        row = await self.db.fetch_one(self._status_stmt, {"device_id": auth.device_id})
+        status, waiting = (row[0], bool(row[1])) if row is not None else (None, False)
+        ensure_active(status)
         self._seen[auth.device_id] = (utcnow(), round(auth.skew_s, 1), req.agent_version)
-        if not (req.results or req.acks or req.inventory is not None):
-            # the common case: nothing to record; one read, and no transaction unless work waits
-            async with self.db.read() as s:
-                waiting = await self.commands.has_pending(s, auth.device_id)
-            if not waiting:
-                return CheckinResponse(
-                    commands=[],
-                    accepted_results=[],
-                    inventory_version=-1,
-                    inventory_resync=False,
-                    checkin_interval=self.interval,
-                    server_time=time.time(),
-                )
+        if not (waiting or req.results or req.acks or req.inventory is not None):
+            # the common case: nothing to record and nothing waiting: no transaction at all
+            return CheckinResponse(
+                commands=[],
+                accepted_results=[],
+                inventory_version=-1,
+                inventory_resync=False,
+                checkin_interval=self.interval,
+                server_time=time.time(),
+            )
         resync = False
         version: int | None = None
         async with self.db.transaction() as uow:
@@ -56,8 +66,8 @@ class DeviceCheckin:
             await self.commands.acknowledge(s, auth.device_id, req.acks)
             if req.inventory is not None:
                 device = await s.get(Device, auth.device_id, with_for_update=True)
-                if device is None or device.status != "active":
-                    raise Unauthorized("device is retired", code="retired")
+                if device is None:
+                    raise Unauthorized("unknown device", code="unknown_device")
                 resync = not await apply_inventory(s, device, req.inventory)
                 version = device.inventory_version
             work = await self.commands.take_pending(s, auth.device_id, self.max_commands)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from custos import protocol
 from custos.db.engine import Database
@@ -45,13 +46,6 @@ async def load_or_create_ca(
         ) from exc
 
 
-@dataclass
-class _Entry:
-    public_key: bytes
-    active: bool
-    fetched: float
-
-
 @dataclass(frozen=True)
 class DeviceAuth:
     """A device whose request signature verified."""
@@ -61,46 +55,46 @@ class DeviceAuth:
 
 
 class DeviceAuthenticator:
-    """Verifies signed device requests; keys are cached briefly so check-ins stay cheap.
+    """Verifies signed device requests.
 
-    A retirement in this process invalidates the entry at once; other processes see it
-    within `ttl` seconds (documented in docs/agent-protocol.md).
+    A device's public key never changes, so keys are cached for the life of the process.
+    Its status does change (retirement), so it is read fresh: by `verify` for most requests,
+    and by the check-in's own single query (which asks for it together with pending work).
     """
 
-    def __init__(self, db: Database, *, skew_s: int, ttl_s: float) -> None:
+    MAX_CACHED_KEYS = 1_000_000
+
+    def __init__(self, db: Database, *, skew_s: int) -> None:
         self.db = db
         self.skew_s = skew_s
-        self.ttl_s = ttl_s
-        self._cache: dict[str, _Entry] = {}
+        self._keys: dict[str, bytes] = {}
+        self._key_stmt = select(Device.public_key).where(Device.id == bindparam("device_id"))
+        self._status_stmt = select(Device.status).where(Device.id == bindparam("device_id"))
 
-    def invalidate(self, device_id: str) -> None:
-        """Forget a device (after it was retired here)."""
-        self._cache.pop(device_id, None)
-
-    async def _lookup(self, device_id: str) -> _Entry | None:
-        now = time.monotonic()
-        entry = self._cache.get(device_id)
-        if entry is not None and now - entry.fetched < self.ttl_s:
-            return entry
-        async with self.db.read() as s:
-            row = (
-                await s.execute(
-                    select(Device.public_key, Device.status).where(Device.id == device_id)
-                )
-            ).first()
-        if row is None:
-            self._cache.pop(device_id, None)
-            return None
-        entry = _Entry(public_key=row[0], active=row[1] == "active", fetched=now)
-        if len(self._cache) > 500_000:
-            self._cache.clear()
-        self._cache[device_id] = entry
-        return entry
+    async def _public_key(self, device_id: str) -> bytes | None:
+        key = self._keys.get(device_id)
+        if key is None:
+            key = await self.db.scalar(self._key_stmt, {"device_id": device_id})
+            if key is None:
+                return None
+            if len(self._keys) >= self.MAX_CACHED_KEYS:
+                self._keys.clear()
+            self._keys[device_id] = key
+        return key
 
     async def verify(
-        self, method: str, path_qs: str, headers: dict[str, str], body: bytes
+        self,
+        method: str,
+        path_qs: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        *,
+        check_status: bool = True,
     ) -> DeviceAuth:
-        """The device behind a signed request, or Unauthorized with the reason."""
+        """The device behind a signed request, or Unauthorized with the reason.
+
+        With check_status=False the caller must check that the device is still active.
+        """
         device_id = headers.get(protocol.H_DEVICE, "")
         ts = headers.get(protocol.H_TIME, "")
         sig = headers.get(protocol.H_SIGNATURE, "")
@@ -117,13 +111,18 @@ class DeviceAuthenticator:
                 f"device clock is {skew:+.0f}s off the server's (limit {self.skew_s}s)",
                 code="clock_skew",
             )
-        entry = await self._lookup(device_id)
-        if entry is None:
+        key = await self._public_key(device_id)
+        if key is None:
             raise Unauthorized("unknown device", code="unknown_device")
-        if not protocol.verify_signature(
-            entry.public_key, sig, method, path_qs, ts, device_id, body
-        ):
+        if not protocol.verify_signature(key, sig, method, path_qs, ts, device_id, body):
             raise Unauthorized("device signature does not verify", code="bad_signature")
-        if not entry.active:
-            raise Unauthorized("device is retired; its certificate is revoked", code="retired")
+        if check_status:
+            status = await self.db.scalar(self._status_stmt, {"device_id": device_id})
+            ensure_active(status)
         return DeviceAuth(device_id=device_id, skew_s=skew)
+
+
+def ensure_active(status: str | None) -> None:
+    """Refuse a retired device (its certificate is revoked)."""
+    if status != "active":
+        raise Unauthorized("device is retired; its certificate is revoked", code="retired")

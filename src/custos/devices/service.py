@@ -333,7 +333,6 @@ class DeviceService:
                     .values(state="cancelled", finished_at=utcnow())
                 )
             device_id = d.id
-            uow.after_commit(lambda: self.authenticator.invalidate(device_id))
         return await self.show(device_id)
 
     async def create_group(self, req: GroupCreate) -> GroupOut:

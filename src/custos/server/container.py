@@ -31,9 +31,7 @@ class Services:
     @classmethod
     def build(cls, settings: Settings, db: Database, ca: CertificateAuthority) -> Services:
         """Wire the services together."""
-        auth = DeviceAuthenticator(
-            db, skew_s=settings.signature_skew_s, ttl_s=settings.identity_cache_ttl_s
-        )
+        auth = DeviceAuthenticator(db, skew_s=settings.signature_skew_s)
         commands = CommandService(db, settings.data_dir / "uploads", settings.max_output_bytes)
         return cls(
             settings=settings,

@@ -163,8 +163,8 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-def services(request: Request) -> Services:
-    """The services built in the lifespan."""
+async def services(request: Request) -> Services:
+    """The services built in the lifespan (async: a sync dependency would cost a thread hop)."""
     return request.app.state.services
 
 
@@ -174,16 +174,18 @@ async def admin(request: Request) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("an API token is required (Authorization: Bearer …)", code="no_token")
-    return await services(request).accounts.authenticate(token.strip())
+    svc: Services = request.app.state.services
+    return await svc.accounts.authenticate(token.strip())
 
 
-async def signed_device(request: Request) -> tuple[DeviceAuth, bytes]:
+async def signed_device(request: Request, *, check_status: bool = True) -> tuple[DeviceAuth, bytes]:
     """The device that signed this request, and the raw body it signed."""
     body = await request.body()
     raw_path = request.scope.get("raw_path") or request.url.path.encode()
     qs = request.scope.get("query_string", b"")
     path_qs = raw_path.decode("latin-1") + (("?" + qs.decode("latin-1")) if qs else "")
-    auth = await services(request).authenticator.verify(
-        request.method, path_qs, {k: v for k, v in request.headers.items()}, body
+    svc: Services = request.app.state.services
+    auth = await svc.authenticator.verify(
+        request.method, path_qs, request.headers, body, check_status=check_status
     )
     return auth, body

@@ -34,7 +34,9 @@ def test_each_kind_needs_its_fields():
         CommandCreate(target="d", kind="collect_file")
     with pytest.raises(ValidationError):
         CommandCreate(target="d", kind="exec", argv=["x"], unexpected=1)
-    c = CommandCreate(target="d", kind="script", interpreter="python", script="print(1)", args=["a"])
+    c = CommandCreate(
+        target="d", kind="script", interpreter="python", script="print(1)", args=["a"]
+    )
     assert c.payload() == {
         "interpreter": "python",
         "script": "print(1)",

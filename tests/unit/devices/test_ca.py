@@ -20,8 +20,12 @@ def _csr(key) -> str:
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "whatever")]))
-        .sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else __import__(
-            "cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]).SHA256())
+        .sign(
+            key,
+            None
+            if isinstance(key, ed25519.Ed25519PrivateKey)
+            else __import__("cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]).SHA256(),
+        )
     )
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
