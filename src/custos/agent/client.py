@@ -111,11 +111,16 @@ class DeviceClient:
 
     async def checkin(self, payload: dict[str, Any]) -> dict[str, Any]:
         """POST a check-in."""
-        body = json.dumps(payload, separators=(",", ":")).encode()
+        body = encode_json(payload)
         result: dict[str, Any] = await self.request(
             "POST", protocol.DEVICE_API + "/checkin", body=body
         )
         return result
+
+
+def encode_json(payload: Any) -> bytes:
+    """Compact UTF-8 JSON (non-ASCII text is not inflated to \\uXXXX escapes)."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _error_of(resp: httpx.Response) -> tuple[str, str]:

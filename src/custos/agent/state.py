@@ -34,6 +34,39 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
+# The server refuses bodies over 4 MiB; a result is kept well under that once encoded, and a
+# check-in carries results up to a budget, so no output can wedge the outbox.
+MAX_RESULT_BYTES = 1_500_000
+MAX_BATCH_BYTES = 3_000_000
+_TRUNCATION_NOTE = "\n[custos: output truncated to fit the result size limit]\n"
+
+
+def fit_result(result: dict[str, Any], limit: int) -> str:
+    """The result as JSON of at most `limit` UTF-8 bytes, cutting stdout/stderr if needed."""
+    res = dict(result)
+    for _ in range(8):
+        encoded = json.dumps(res, separators=(",", ":"), ensure_ascii=False)
+        excess = len(encoded.encode()) - limit
+        if excess <= 0:
+            return encoded
+        # cut the longer stream by what its characters cost once encoded (escapes: up to 6 bytes)
+        field = max(("stdout", "stderr"), key=lambda f: len(str(res.get(f) or "")))
+        text = str(res.get(field) or "")
+        if not text:
+            res["result"] = {"note": "result too large; details dropped"}
+            res["error"] = (str(res.get("error") or ""))[:1000] or None
+            continue
+        per_char = len(json.dumps(text, ensure_ascii=False).encode()) / len(text)
+        keep = max(0, len(text) - int(excess / per_char) - len(_TRUNCATION_NOTE) - 64)
+        res[field] = text[:keep] + _TRUNCATION_NOTE
+        res["truncated"] = True
+    return json.dumps(
+        {k: res.get(k) for k in ("run_id", "state", "exit_code", "started_at", "finished_at")}
+        | {"truncated": True, "error": "result too large to report"},
+        separators=(",", ":"),
+    )
+
+
 @dataclass(frozen=True)
 class QueuedCommand:
     """A command as held in the local queue."""
@@ -140,10 +173,11 @@ class AgentState:
 
     def finish(self, run_id: str, result: dict[str, Any]) -> None:
         """Record a result in the outbox and close the command, atomically."""
+        encoded = fit_result(result, MAX_RESULT_BYTES)
         with self._tx():
             self._db.execute(
                 "INSERT OR IGNORE INTO outbox (run_id, result, created_at) VALUES (?, ?, ?)",
-                (run_id, json.dumps(result), time.time()),
+                (run_id, encoded, time.time()),
             )
             self._db.execute("UPDATE queue SET state = 'done' WHERE run_id = ?", (run_id,))
 
@@ -153,12 +187,20 @@ class AgentState:
 
     # --- outbox ---
 
-    def outbox(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Unsent results, in the order they were produced."""
-        rows = self._db.execute(
-            "SELECT result FROM outbox ORDER BY seq LIMIT ?", (limit,)
-        ).fetchall()
-        return [json.loads(r[0]) for r in rows]
+    def outbox(self, limit: int = 100, budget: int = MAX_BATCH_BYTES) -> list[dict[str, Any]]:
+        """Unsent results in the order they were produced, as many as fit in `budget` bytes.
+
+        The first result always goes (each is at most MAX_RESULT_BYTES), so the outbox drains.
+        """
+        out: list[dict[str, Any]] = []
+        used = 0
+        for (raw,) in self._db.execute("SELECT result FROM outbox ORDER BY seq LIMIT ?", (limit,)):
+            size = len(raw.encode())
+            if out and used + size > budget:
+                break
+            out.append(json.loads(raw))
+            used += size
+        return out
 
     def sent(self, run_ids: list[str]) -> None:
         """The server stored these results."""

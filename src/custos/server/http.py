@@ -42,10 +42,16 @@ def install_error_handlers(app: Any) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_request", _clean_errors(exc.errors()))
+        errors = _clean_errors(exc.errors())
+        if errors and errors[0]["type"] == "json_invalid":
+            return error_response(422, "malformed_json", f"malformed JSON: {errors[0]['msg']}")
+        return error_response(422, "invalid_request", errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            # FastAPI's own body decoding failed (e.g. not UTF-8): same answer as bad JSON
+            return error_response(422, "malformed_json", "request body is not valid UTF-8 JSON")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, exc.detail)
 

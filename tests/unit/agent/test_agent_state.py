@@ -47,3 +47,29 @@ def test_deferred_commands_and_acks(tmp_path):
     st.mark_acked(["r1", "r2"])
     assert st.unacked() == []
     assert st.counts() == {"queue_received": 2, "outbox": 0}
+
+
+def test_huge_results_are_cut_to_fit_and_batched(tmp_path):
+    import json
+
+    from custos.agent.state import MAX_BATCH_BYTES, MAX_RESULT_BYTES, fit_result
+
+    # NULs become 6-byte escapes: 1 MiB of them is 6 MiB of JSON
+    big = {"run_id": "r1", "state": "succeeded", "stdout": "\x00" * (1 << 20), "stderr": "é" * 9}
+    encoded = fit_result(big, MAX_RESULT_BYTES)
+    assert len(encoded.encode()) <= MAX_RESULT_BYTES
+    back = json.loads(encoded)
+    assert back["truncated"] and back["stderr"] == "é" * 9 and "truncated" in back["stdout"]
+    assert back["stdout"].count("\x00") > 200_000  # cut to what fits, not emptied
+    small = {"run_id": "r2", "state": "succeeded", "stdout": "ok"}
+    assert json.loads(fit_result(small, MAX_RESULT_BYTES)) == small
+
+    st = AgentState(tmp_path)
+    for i in range(4):
+        st.enqueue([_cmd(f"r{i}")])
+        st.claim(f"r{i}")
+        st.finish(f"r{i}", {**big, "run_id": f"r{i}"})
+    first = st.outbox()
+    assert 1 <= len(first) < 4
+    assert sum(len(json.dumps(r, ensure_ascii=False).encode()) for r in first) <= MAX_BATCH_BYTES
+    assert [r["run_id"] for r in first] == [f"r{i}" for i in range(len(first))]
