@@ -28,6 +28,7 @@ class Settings(BaseSettings):
         default=None, description="URL agents use, when it differs from what requests show"
     )
     workers: int = 1
+    db_pool_size: int = Field(default=20, ge=1, le=500)
 
     admin_password: SecretStr | None = None
     ca_passphrase: SecretStr | None = None

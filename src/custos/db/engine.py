@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.sql.base import Executable
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     """An async engine; SQLite gets WAL, foreign keys and a busy timeout."""
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
@@ -33,7 +33,11 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         return engine
     # no pre-ping: it costs a round trip per checkout on the hot path; a connection found dead
     # fails one request (the agent retries) and SQLAlchemy then invalidates the pool
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
+    # a steady pool and a small overflow: overflow connections are closed when returned, and
+    # opening PostgreSQL connections under load (TLS negotiation included) is expensive
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size // 4, pool_timeout=30, pool_recycle=1800
+    )
 
 
 class UnitOfWork:
@@ -62,9 +66,9 @@ class UnitOfWork:
 class Database:
     """Holds the engine and hands out units of work."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, pool_size: int = 20) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, pool_size=pool_size)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         # single-statement reads need no BEGIN/ROLLBACK around them
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")

@@ -6,7 +6,7 @@ import logging
 import time
 from datetime import datetime
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, or_, select, update
 
 from custos.commands.models import CommandRun
 from custos.commands.service import PENDING, CommandService
@@ -34,7 +34,11 @@ class DeviceCheckin:
         self._seen: dict[str, tuple[datetime, float, str]] = {}
         pending = (
             select(CommandRun.id)
-            .where(CommandRun.device_id == Device.id, CommandRun.state.in_(PENDING))
+            # two equalities rather than IN: an expanding IN is re-rendered on every execution
+            .where(
+                CommandRun.device_id == Device.id,
+                or_(*(CommandRun.state == s for s in PENDING)),
+            )
             .exists()
         )
         self._status_stmt = select(Device.status, pending).where(

@@ -29,7 +29,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database(settings.database_url)
+        db = Database(settings.database_url, pool_size=settings.db_pool_size)
         boot = await bootstrap(settings, db)
         svc = Services.build(settings, db, boot.ca)
         app.state.services = svc
