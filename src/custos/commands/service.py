@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import Sequence
@@ -375,8 +376,6 @@ class CommandService:
 
 
 async def _sha256_file(path: Path) -> str:
-    import asyncio
-
     def _hash() -> str:
         h = hashlib.sha256()
         with path.open("rb") as fh:

@@ -12,6 +12,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
+from custos.commands.models import CommandRun
 from custos.db.base import new_id, utcnow
 from custos.db.engine import Database
 from custos.devices.ca import CertificateAuthority, CsrError, sha256_hex
@@ -325,8 +326,6 @@ class DeviceService:
                 d.retired_at = utcnow()
                 uow.session.add(RevokedCertificate(serial=d.cert_serial, device_id=d.id))
                 # queued work for a retired device will never run
-                from custos.commands.models import CommandRun
-
                 await uow.session.execute(
                     update(CommandRun)
                     .where(CommandRun.device_id == d.id, CommandRun.state.in_(("queued", "sent")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from typing import Any, TypeVar
@@ -144,8 +145,6 @@ class _BodyTooLarge(Exception):
 
 
 async def _send_413(send: Send, limit: int) -> None:
-    import json
-
     body = json.dumps(
         {"error": "too_large", "detail": f"request body is larger than {limit} bytes"}
     ).encode()
