@@ -6,14 +6,16 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from custos.validation import SafeStr
+
 
 class LoginRequest(BaseModel):
     """Username and password."""
 
     model_config = ConfigDict(extra="forbid")
 
-    username: str = Field(min_length=1, max_length=150)
-    password: str = Field(min_length=1, max_length=1024)
+    username: SafeStr = Field(min_length=1, max_length=150)
+    password: SafeStr = Field(min_length=1, max_length=1024)
 
 
 class LoginResponse(BaseModel):

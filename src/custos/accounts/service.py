@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -9,6 +10,7 @@ from datetime import datetime, timedelta
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 
 from custos.accounts.models import ApiToken, User
 from custos.db.base import utcnow
@@ -17,6 +19,23 @@ from custos.devices.ca import sha256_hex
 from custos.errors import Conflict, Invalid, Unauthorized
 
 _hasher = PasswordHasher()
+_DUMMY: list[str] = []
+
+
+def _dummy_hash() -> str:
+    """A real hash of a random password, made once, to verify unknown users against."""
+    if not _DUMMY:
+        _DUMMY.append(_hasher.hash(secrets.token_urlsafe(16)))
+    return _DUMMY[0]
+
+
+def _verify(stored: str, password: str) -> bool:
+    try:
+        return _hasher.verify(stored, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
 TOKEN_PREFIX = "cst_"  # noqa: S105 - a marker, not a secret
 
 
@@ -38,16 +57,19 @@ class AccountService:
 
     async def ensure_admin(self, password: str | None) -> str | None:
         """Create the 'admin' account on first start; return the password if it was generated."""
-        async with self.db.transaction() as uow:
-            existing = await uow.session.scalar(select(User.id).limit(1))
-            if existing is not None:
-                return None
-            generated = None
-            if not password:
-                generated = password = secrets.token_urlsafe(12)
-            uow.session.add(
-                User(username="admin", password_hash=_hasher.hash(password), role="admin")
-            )
+        generated = None
+        try:
+            async with self.db.transaction() as uow:
+                existing = await uow.session.scalar(select(User.id).limit(1))
+                if existing is not None:
+                    return None
+                if not password:
+                    generated = password = secrets.token_urlsafe(12)
+                uow.session.add(
+                    User(username="admin", password_hash=_hasher.hash(password), role="admin")
+                )
+        except IntegrityError:
+            return None  # another process starting at the same time created it
         return generated
 
     async def create_user(self, username: str, password: str, role: str = "admin") -> int:
@@ -65,27 +87,35 @@ class AccountService:
             return user.id
 
     async def login(self, username: str, password: str) -> tuple[str, datetime]:
-        """Check the password and issue an API token (only its hash is stored)."""
+        """Check the password and issue an API token (only its hash is stored).
+
+        The hash check (~0.1 s of CPU) runs in a thread and outside any transaction, and
+        unknown users cost the same as known ones, so timing does not reveal usernames.
+        """
+        async with self.db.read() as s:
+            row = (
+                await s.execute(
+                    select(User.id, User.password_hash, User.is_active).where(
+                        User.username == username
+                    )
+                )
+            ).first()
+        stored = row[1] if row is not None else _dummy_hash()
+        ok = await asyncio.to_thread(_verify, stored, password)
+        if not ok or row is None or not row[2]:
+            raise Unauthorized("wrong username or password", code="bad_credentials")
+        user_id = row[0]
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        expires = utcnow() + self.token_ttl
         async with self.db.transaction() as uow:
-            user = await uow.session.scalar(select(User).where(User.username == username))
-            ok = False
-            if user is not None and user.is_active:
-                try:
-                    ok = _hasher.verify(user.password_hash, password)
-                except (VerificationError, InvalidHashError):
-                    ok = False
-            if not ok or user is None:
-                raise Unauthorized("wrong username or password", code="bad_credentials")
-            token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-            expires = utcnow() + self.token_ttl
             uow.session.add(
-                ApiToken(user_id=user.id, token_hash=sha256_hex(token.encode()), expires_at=expires)
+                ApiToken(user_id=user_id, token_hash=sha256_hex(token.encode()), expires_at=expires)
             )
             # housekeeping: expired tokens of this user go
             await uow.session.execute(
-                delete(ApiToken).where(ApiToken.user_id == user.id, ApiToken.expires_at < utcnow())
+                delete(ApiToken).where(ApiToken.user_id == user_id, ApiToken.expires_at < utcnow())
             )
-            return token, expires
+        return token, expires
 
     async def authenticate(self, token: str) -> Principal:
         """The principal behind a bearer token, or Unauthorized."""

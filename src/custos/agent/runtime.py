@@ -73,6 +73,7 @@ class AgentRuntime:
         self._work = asyncio.Event()
         self._full_inventory = False
         self._inventory_due = 0.0
+        self._result_batch = 100
 
     # --- settings ---
 
@@ -81,6 +82,10 @@ class AgentRuntime:
         """Seconds between check-ins: a local override (a settings command) or the server's."""
         v = self.state.get("interval_override") or self.state.get("checkin_interval") or "60"
         return max(1.0, float(v))
+
+    def server_now(self) -> float:
+        """The server's idea of now: command times are the server's, this clock may be off."""
+        return time.time() + self.client.clock_offset
 
     # --- check-in ---
 
@@ -101,13 +106,21 @@ class AgentRuntime:
 
     async def checkin(self) -> int:
         """One check-in; returns the number of new commands received."""
-        results = self.state.outbox(100)
+        results = self.state.outbox(self._result_batch)
         acks = self.state.unacked()
         inv, snapshot = await self._inventory_part()
         payload: dict[str, Any] = {"agent_version": __version__, "results": results, "acks": acks}
         if inv is not None:
             payload["inventory"] = inv
-        resp = await self.client.checkin(payload)
+        try:
+            resp = await self.client.checkin(payload)
+        except RequestRejected as exc:
+            self._after_rejection(exc, results, inv is not None)
+            raise
+        self._result_batch = 100
+        if isinstance(resp.get("server_time"), int | float):
+            # follow the server's clock (signatures and command times are judged by it)
+            self.client.clock_offset = float(resp["server_time"]) - time.time()
         self.state.sent(list(resp.get("accepted_results", [])))
         self.state.mark_acked(acks)
         if inv is not None and snapshot is not None:
@@ -142,6 +155,38 @@ class AgentRuntime:
             self._work.set()
         return len(commands)
 
+    def _after_rejection(
+        self, exc: RequestRejected, results: list[dict[str, Any]], had_inventory: bool
+    ) -> None:
+        """Make sure a refused check-in is not sent again as it was (it would never pass)."""
+        log.error("the server refused a check-in: %s", exc)
+        if had_inventory:
+            # try the inventory again later, in full; the results must not wait for it
+            self._inventory_due = time.monotonic() + self.inventory_interval_s
+            self._full_inventory = False
+            self.state.set(inventory_version="0")
+            return
+        if len(results) > 1:
+            self._result_batch = 1  # find the one the server refuses
+            return
+        for res in results:
+            if res.get("result", {}).get("undeliverable"):
+                log.error("dropping result %s: the server refuses even its summary", res["run_id"])
+                self.state.sent([res["run_id"]])
+                continue
+            state = res.get("state")
+            self.state.replace_result(
+                res["run_id"],
+                {
+                    "run_id": res["run_id"],
+                    "state": state if state in ("succeeded", "failed") else "failed",
+                    "truncated": True,
+                    "error": f"the full result was refused by the server ({exc.status} "
+                    f"{exc.code}): {exc.detail[:500]}",
+                    "result": {"undeliverable": True},
+                },
+            )
+
     def _more_to_send(self) -> bool:
         return bool(self.state.outbox(1)) or bool(self.state.unacked()) or self._full_inventory
 
@@ -166,7 +211,7 @@ class AgentRuntime:
     async def run_due(self) -> int:
         """Run every command whose time has come, one after another; returns how many ran."""
         n = 0
-        for cmd in self.state.runnable(time.time()):
+        for cmd in self.state.runnable(self.server_now()):
             if not self.state.claim(cmd.run_id):
                 continue
             started = time.time()
@@ -191,7 +236,7 @@ class AgentRuntime:
             log.warning("could not report before reboot: %s", exc)
 
     async def _execute(self, cmd: QueuedCommand) -> dict[str, Any]:
-        if cmd.expires_at is not None and cmd.expires_at <= time.time():
+        if cmd.expires_at is not None and cmd.expires_at <= self.server_now():
             return {"state": "expired", "error": "the command expired before it could run"}
         p = cmd.payload
         log.info("running %s %s", cmd.kind, cmd.run_id)
@@ -261,33 +306,63 @@ class AgentRuntime:
         if not os.path.isabs(raw) or ".." in parts:
             return {"state": "rejected", "error": "path must be absolute and must not contain '..'"}
         limit = int(p.get("max_bytes", 0))
+        base = f"{protocol.DEVICE_API}/uploads/{run_id}"
+        restarts = transient = 0
         try:
             size, digest = await asyncio.to_thread(_inspect_file, Path(raw), limit)
+            meta = json.dumps({"size": size, "sha256": digest, "source_path": raw}).encode()
+            up: dict[str, Any] | None = None  # None: (re-)announce and learn the server's offset
+            while up is None or not up["complete"]:
+                try:
+                    if up is None:
+                        up = await self._upload_call("POST", base, meta)
+                        continue
+                    offset = int(up["received"])
+                    chunk = await asyncio.to_thread(_read_at, Path(raw), offset, UPLOAD_CHUNK)
+                    if not chunk:
+                        raise _CollectError(f"{raw} shrank while it was being uploaded")
+                    up = await self._upload_call("PUT", base, chunk, offset=offset)
+                    transient = 0
+                except RequestRejected as exc:
+                    if exc.code == "hash_mismatch":
+                        # the file changed under us: hash it again and start over, a few times
+                        restarts += 1
+                        if restarts > 3:
+                            raise _CollectError(f"{raw} keeps changing while uploading") from None
+                        size, digest = await asyncio.to_thread(_inspect_file, Path(raw), limit)
+                        meta = json.dumps(
+                            {"size": size, "sha256": digest, "source_path": raw}
+                        ).encode()
+                    elif exc.code != "offset_mismatch":
+                        raise
+                    up = None
+                except ServerError as exc:
+                    # a dropped link or a restarting server: resume where the server is
+                    transient += 1
+                    if transient > 8:
+                        raise _CollectError(f"upload kept failing: {exc}") from None
+                    await asyncio.sleep(min(60.0, 2.0**transient))
+                    up = None
         except _CollectError as exc:
             return {"state": "failed", "error": str(exc)}
-        base = f"{protocol.DEVICE_API}/uploads/{run_id}"
-        meta = json.dumps({"size": size, "sha256": digest, "source_path": raw}).encode()
-        try:
-            up = await self.client.request("POST", base, body=meta)
-            while not up["complete"]:
-                offset = int(up["received"])
-                chunk = await asyncio.to_thread(_read_at, Path(raw), offset, UPLOAD_CHUNK)
-                try:
-                    up = await self.client.request(
-                        "PUT",
-                        base,
-                        body=chunk,
-                        params={"offset": str(offset)},
-                        content_type="application/octet-stream",
-                    )
-                except RequestRejected as exc:
-                    if exc.code not in ("offset_mismatch", "hash_mismatch"):
-                        raise
-                    # the server holds a different amount (or the file changed): ask and resume
-                    up = await self.client.request("POST", base, body=meta)
         except RequestRejected as exc:
             return {"state": "failed", "error": f"upload refused: {exc.detail}"}
         return {"result": {"size": size, "sha256": digest, "path": raw}}
+
+    async def _upload_call(
+        self, method: str, path: str, body: bytes, *, offset: int | None = None
+    ) -> dict[str, Any]:
+        if offset is None:
+            result: dict[str, Any] = await self.client.request(method, path, body=body)
+        else:
+            result = await self.client.request(
+                method,
+                path,
+                body=body,
+                params={"offset": str(offset)},
+                content_type="application/octet-stream",
+            )
+        return result
 
     # --- loops ---
 
@@ -341,7 +416,7 @@ class AgentRuntime:
     async def _worker(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             due = self.state.next_due()
-            timeout = max(0.05, due - time.time()) if due else None
+            timeout = max(0.05, due - self.server_now()) if due else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._work.wait(), timeout=timeout)
             self._work.clear()

@@ -85,7 +85,11 @@ class AgentState:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # scripts, outputs and the device key live here: private even if the directory existed
+        state_dir.chmod(0o700)
         self.path = state_dir / "agent.db"
+        self.path.touch(mode=0o600, exist_ok=True)
+        self.path.chmod(0o600)
         self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -206,6 +210,14 @@ class AgentState:
         """The server stored these results."""
         with self._tx():
             self._db.executemany("DELETE FROM outbox WHERE run_id = ?", [(r,) for r in run_ids])
+
+    def replace_result(self, run_id: str, result: dict[str, Any]) -> None:
+        """Swap an unsent result for another (a smaller one the server will accept)."""
+        with self._tx():
+            self._db.execute(
+                "UPDATE outbox SET result = ? WHERE run_id = ?",
+                (json.dumps(result, separators=(",", ":")), run_id),
+            )
 
     def counts(self) -> dict[str, int]:
         """Queue and outbox sizes, for `custos agent status`."""

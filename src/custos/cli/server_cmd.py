@@ -45,6 +45,13 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
     """Prepare the data directory and database, then serve until SIGINT/SIGTERM."""
     import uvicorn
 
+    if settings.workers > 1 and settings.is_sqlite:
+        err.print(
+            "[red]error:[/] --workers > 1 needs PostgreSQL (--db postgresql+asyncpg://…); "
+            "the embedded SQLite database is for one server process"
+        )
+        raise typer.Exit(2)
+
     from custos.server.bootstrap import bootstrap, write_server_certificate
 
     try:

@@ -32,7 +32,7 @@ async def create_command(
 @admin_router.get("/commands", response_model=list[CommandOut])
 async def list_commands(
     limit: int = Query(default=50, ge=1, le=1000),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=2**31 - 1),
     _who: Principal = Depends(admin),
     svc: Services = Depends(services),
 ) -> list[CommandOut]:
@@ -83,7 +83,7 @@ async def start_upload(
 async def append_upload(
     run_id: str,
     request: Request,
-    offset: int = Query(ge=0),
+    offset: int = Query(ge=0, le=2**62),
     svc: Services = Depends(services),
 ) -> UploadState:
     """Append one chunk at `offset`."""

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import posixpath
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from custos.validation import (
+    AwareTime,
+    ReportedExitCode,
+    ReportedStr,
+    ReportedTime,
+    SafeStr,
+    scrub,
+)
+
 KINDS = ("exec", "script", "reboot", "settings", "collect_file", "ping")
 RESULT_STATES = ("succeeded", "failed", "interrupted", "expired", "rejected")
 MAX_COLLECT_BYTES = 64 * 1024 * 1024
+MAX_REPORTED_OUTPUT = 2_200_000
 
 
 class Strict(BaseModel):
@@ -37,24 +48,24 @@ def check_collect_path(path: str) -> str:
 class CommandCreate(Strict):
     """Queue a command for a device, several devices or a group."""
 
-    target: str = Field(
+    target: SafeStr = Field(
         min_length=1, max_length=300, description="device id or name, or group:NAME"
     )
     kind: Literal["exec", "script", "reboot", "settings", "collect_file", "ping"]
-    argv: list[Annotated[str, Field(max_length=32_768)]] | None = Field(
+    argv: list[Annotated[SafeStr, Field(max_length=32_768)]] | None = Field(
         default=None, max_length=1000
     )
     interpreter: Literal["sh", "python", "powershell"] | None = None
-    script: str | None = Field(default=None, max_length=1_048_576)
-    args: list[Annotated[str, Field(max_length=32_768)]] = Field(
+    script: SafeStr | None = Field(default=None, max_length=1_048_576)
+    args: list[Annotated[SafeStr, Field(max_length=32_768)]] = Field(
         default_factory=list, max_length=1000
     )
     timeout_s: float = Field(default=300, gt=0, le=86_400)
     path: str | None = None
     max_bytes: int = Field(default=16 * 1024 * 1024, ge=1, le=MAX_COLLECT_BYTES)
     checkin_interval: int | None = Field(default=None, ge=5, le=86_400)
-    not_before: datetime | None = None
-    expires_at: datetime | None = None
+    not_before: AwareTime | None = None
+    expires_at: AwareTime | None = None
 
     @field_validator("path")
     @classmethod
@@ -71,10 +82,6 @@ class CommandCreate(Strict):
             raise ValueError("collect_file needs path")
         if self.kind == "settings" and self.checkin_interval is None:
             raise ValueError("settings needs checkin_interval")
-        for attr in ("not_before", "expires_at"):
-            v = getattr(self, attr)
-            if v is not None and v.tzinfo is None:
-                raise ValueError(f"{attr} needs a timezone")
         if self.not_before and self.expires_at and self.expires_at <= self.not_before:
             raise ValueError("expires_at must be after not_before")
         return self
@@ -108,25 +115,40 @@ class DeliveredCommand(BaseModel):
 
 
 class RunResult(Strict):
-    """What an agent reports for one run."""
+    """What an agent reports for one run: odd values are cleaned, not refused.
 
-    run_id: str = Field(min_length=1, max_length=32)
+    A refused result would stay at the head of the agent's outbox; so NUL characters are
+    replaced, impossible times and exit codes dropped, and overlong text cut.
+    """
+
+    run_id: str = Field(pattern=r"^[0-9a-f]{32}$")
     state: Literal["succeeded", "failed", "interrupted", "expired", "rejected"]
-    exit_code: int | None = None
-    stdout: str = Field(default="", max_length=2_200_000)
-    stderr: str = Field(default="", max_length=2_200_000)
+    exit_code: ReportedExitCode = None
+    stdout: ReportedStr = ""
+    stderr: ReportedStr = ""
     truncated: bool = False
-    error: str | None = Field(default=None, max_length=4096)
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    error: ReportedStr | None = None
+    started_at: ReportedTime = None
+    finished_at: ReportedTime = None
     result: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("stdout", "stderr")
+    @classmethod
+    def _cap_output(cls, v: str) -> str:
+        return v if len(v) <= MAX_REPORTED_OUTPUT else v[:MAX_REPORTED_OUTPUT]
+
+    @field_validator("error")
+    @classmethod
+    def _cap_error(cls, v: str | None) -> str | None:
+        return v if v is None or len(v) <= 4096 else v[:4096]
 
     @field_validator("result")
     @classmethod
     def _small(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if len(repr(v)) > 65_536:
-            raise ValueError("result object too large")
-        return v
+        clean = scrub(v)
+        if len(json.dumps(clean, default=str)) > 65_536:
+            return {"note": "result object too large; dropped"}
+        return clean
 
 
 class RunOut(BaseModel):
@@ -176,7 +198,7 @@ class UploadStart(Strict):
 
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    source_path: str = Field(max_length=4096)
+    source_path: ReportedStr = Field(max_length=4096)
 
 
 class UploadState(BaseModel):

@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
@@ -175,25 +175,36 @@ class CommandService:
     async def take_pending(
         self, s: AsyncSession, device_id: str, limit: int
     ) -> list[DeliveredCommand]:
-        """Runs to hand to the device now, marked sent; expired ones are closed instead."""
+        """Runs due now, marked sent (oldest first); the device's expired runs are closed."""
         now = utcnow()
+        await s.execute(
+            update(CommandRun)
+            .where(
+                CommandRun.device_id == device_id,
+                CommandRun.state.in_(PENDING),
+                CommandRun.command_id.in_(select(Command.id).where(Command.expires_at <= now)),
+            )
+            .values(state="expired", finished_at=now)
+            .execution_options(synchronize_session=False)
+        )
         rows = (
             await s.execute(
                 select(CommandRun, Command)
                 .join(Command, Command.id == CommandRun.command_id)
-                .where(CommandRun.device_id == device_id, CommandRun.state.in_(PENDING))
+                .where(
+                    CommandRun.device_id == device_id,
+                    CommandRun.state.in_(PENDING),
+                    # future work must not crowd out what is due now
+                    or_(Command.not_before.is_(None), Command.not_before <= now),
+                )
                 .order_by(CommandRun.created_at, CommandRun.id)
                 .limit(limit)
+                # a concurrent check-in of the same device skips runs this one is handing out
+                .with_for_update(of=CommandRun, skip_locked=True)
             )
         ).all()
         out = []
         for run, cmd in rows:
-            if cmd.expires_at is not None and cmd.expires_at <= now:
-                run.state = "expired"
-                run.finished_at = now
-                continue
-            if cmd.not_before is not None and cmd.not_before > now:
-                continue
             run.state = "sent"
             run.deliveries += 1
             run.delivered_at = run.delivered_at or now
@@ -233,9 +244,9 @@ class CommandService:
             r.id: r
             for r in (
                 await s.scalars(
-                    select(CommandRun).where(
-                        CommandRun.id.in_(ids), CommandRun.device_id == device_id
-                    )
+                    select(CommandRun)
+                    .where(CommandRun.id.in_(ids), CommandRun.device_id == device_id)
+                    .with_for_update()
                 )
             ).all()
         }
@@ -320,10 +331,10 @@ class CommandService:
                     run_id=run_id, source_path=req.source_path, size=req.size, sha256=req.sha256
                 )
                 s.add(up)
-                path = self._upload_path(run_id)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(b"")
+                await asyncio.to_thread(_reset_file, self._upload_path(run_id))
                 if req.size == 0:
+                    if req.sha256 != EMPTY_SHA256:
+                        raise Conflict("an empty file has another hash", code="hash_mismatch")
                     up.complete = True
             await s.flush()
             return UploadState(
@@ -334,6 +345,9 @@ class CommandService:
         self, device_id: str, run_id: str, offset: int, chunk: bytes
     ) -> UploadState:
         """Append a chunk at exactly `offset`; the last one is checked against the hash."""
+        if not chunk:
+            raise Invalid("empty chunk", code="empty_chunk")
+        mismatch = False
         async with self.db.transaction() as uow:
             s = uow.session
             await self._collect_run(s, device_id, run_id)
@@ -347,24 +361,21 @@ class CommandService:
             if offset + len(chunk) > up.size:
                 raise TooLarge("chunk goes past the announced size")
             path = self._upload_path(run_id)
-            with path.open("r+b") as fh:
-                fh.truncate(offset)
-                fh.seek(offset)
-                fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
+            await asyncio.to_thread(_write_at, path, offset, chunk)
             up.received = offset + len(chunk)
             if up.received == up.size:
-                digest = await _sha256_file(path)
-                if digest != up.sha256:
+                if await _sha256_file(path) == up.sha256:
+                    up.complete = True
+                else:
+                    # start over; the reset is committed before the agent hears of it
                     up.received = 0
-                    raise Conflict(
-                        "file hash does not match; upload restarted", code="hash_mismatch"
-                    )
-                up.complete = True
-            return UploadState(
+                    mismatch = True
+            state = UploadState(
                 run_id=run_id, size=up.size, received=up.received, complete=up.complete
             )
+        if mismatch:
+            raise Conflict("file hash does not match; upload restarted", code="hash_mismatch")
+        return state
 
     async def upload_file(self, run_id: str) -> tuple[Path, Upload]:
         """The stored file of a completed collection, for download by an admin."""
@@ -373,6 +384,23 @@ class CommandService:
         if up is None or not up.complete:
             raise NotFound("no completed upload for that run")
         return self._upload_path(run_id), up
+
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def _reset_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+def _write_at(path: Path, offset: int, chunk: bytes) -> None:
+    with path.open("r+b") as fh:
+        fh.truncate(offset)
+        fh.seek(offset)
+        fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 async def _sha256_file(path: Path) -> str:

@@ -20,7 +20,7 @@ from sqlalchemy.sql.base import Executable
 def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     """An async engine; SQLite gets WAL, foreign keys and a busy timeout."""
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -36,7 +36,12 @@ def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     # a steady pool and a small overflow: overflow connections are closed when returned, and
     # opening PostgreSQL connections under load (TLS negotiation included) is expensive
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size // 4, pool_timeout=30, pool_recycle=1800
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size // 4,
+        pool_timeout=30,
+        pool_recycle=1800,
+        hide_parameters=True,  # parameters carry command output and tokens: keep them out of logs
     )
 
 

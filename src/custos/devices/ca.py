@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -196,14 +197,19 @@ def load_or_create_passphrase(data_dir: Path, configured: str | None) -> bytes:
     if path.exists():
         return path.read_bytes().strip()
     data_dir.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(32).encode()
-    fd = path.open("xb")
+    # written whole to a private temporary file, then linked into place: a process starting
+    # at the same time either wins the link or reads the complete file of the one that did
+    tmp = data_dir / f".ca-passphrase.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secrets.token_urlsafe(32).encode())
     try:
-        path.chmod(0o600)
-        fd.write(value)
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
     finally:
-        fd.close()
-    return value
+        tmp.unlink()
+    return path.read_bytes().strip()
 
 
 def sha256_hex(data: bytes) -> str:

@@ -8,7 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import bindparam, or_, select, update
 
-from custos.commands.models import CommandRun
+from custos.commands.models import Command, CommandRun
 from custos.commands.service import PENDING, CommandService
 from custos.db.base import utcnow
 from custos.db.engine import Database
@@ -34,10 +34,12 @@ class DeviceCheckin:
         self._seen: dict[str, tuple[datetime, float, str]] = {}
         pending = (
             select(CommandRun.id)
+            .join(Command, Command.id == CommandRun.command_id)
             # two equalities rather than IN: an expanding IN is re-rendered on every execution
             .where(
                 CommandRun.device_id == Device.id,
                 or_(*(CommandRun.state == s for s in PENDING)),
+                or_(Command.not_before.is_(None), Command.not_before <= bindparam("now")),
             )
             .exists()
         )
@@ -48,7 +50,9 @@ class DeviceCheckin:
     async def checkin(self, auth: DeviceAuth, req: CheckinRequest) -> CheckinResponse:
         """Record what the device sent and return its pending work, in one transaction."""
         # one query tells whether the device is still active and whether work waits for it
-        row = await self.db.fetch_one(self._status_stmt, {"device_id": auth.device_id})
+        row = await self.db.fetch_one(
+            self._status_stmt, {"device_id": auth.device_id, "now": utcnow()}
+        )
         status, waiting = (row[0], bool(row[1])) if row is not None else (None, False)
         ensure_active(status)
         self._seen[auth.device_id] = (utcnow(), round(auth.skew_s, 1), req.agent_version)

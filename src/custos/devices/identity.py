@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import bindparam, select
+from sqlalchemy.exc import IntegrityError
 
 from custos import protocol
 from custos.db.engine import Database
@@ -26,17 +27,22 @@ async def load_or_create_ca(
         row = await s.scalar(select(CARow).order_by(CARow.id).limit(1))
     if row is None:
         ca = CertificateAuthority.create()
-        async with db.transaction() as uow:
-            # id=1 is the only CA row: a second process racing here fails on the primary key
-            uow.session.add(
-                CARow(
-                    id=1,
-                    cert_pem=ca.cert_pem,
-                    encrypted_key_pem=ca.encrypted_key_pem(secret),
-                    fingerprint=ca.fingerprint,
+        try:
+            async with db.transaction() as uow:
+                # id=1 is the only CA row: of processes starting together, one wins
+                uow.session.add(
+                    CARow(
+                        id=1,
+                        cert_pem=ca.cert_pem,
+                        encrypted_key_pem=ca.encrypted_key_pem(secret),
+                        fingerprint=ca.fingerprint,
+                    )
                 )
-            )
-        return ca
+            return ca
+        except IntegrityError:
+            async with db.read() as s:
+                row = await s.scalar(select(CARow).order_by(CARow.id).limit(1))
+            assert row is not None
     try:
         return CertificateAuthority.load(row.cert_pem, row.encrypted_key_pem, secret)
     except (ValueError, TypeError) as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 
 from custos import protocol
@@ -60,7 +60,9 @@ async def list_tokens(
 
 @admin_router.post("/enrollment-tokens/{token_id}/revoke", response_model=TokenOut)
 async def revoke_token(
-    token_id: int, _who: Principal = Depends(admin), svc: Services = Depends(services)
+    token_id: int = Path(ge=1, le=2**31 - 1),
+    _who: Principal = Depends(admin),
+    svc: Services = Depends(services),
 ) -> TokenOut:
     """Revoke an enrolment token."""
     return await svc.enrollment.revoke_token(token_id)
@@ -72,7 +74,7 @@ async def list_devices(
     group: str | None = Query(default=None, max_length=100),
     status: str | None = Query(default=None, pattern="^(active|retired)$"),
     limit: int = Query(default=100, ge=1, le=1000),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=2**31 - 1),
     _who: Principal = Depends(admin),
     svc: Services = Depends(services),
 ) -> list[DeviceOut]:

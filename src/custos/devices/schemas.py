@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from custos.commands.schemas import DeliveredCommand, RunResult
+from custos.validation import ReportedStr, SafeStr, clean_text
 
 INV_MAX_KEYS = 50_000
 INV_MAX_KEY_LEN = 512
@@ -23,6 +24,8 @@ def _check_flat_map(v: dict[str, str], max_keys: int) -> dict[str, str]:
             raise ValueError(f"keys are 1 to {INV_MAX_KEY_LEN} characters")
         if len(val) > INV_MAX_VALUE_LEN:
             raise ValueError(f"value of {k[:60]!r} is longer than {INV_MAX_VALUE_LEN}")
+    if any("\x00" in k or "\x00" in val for k, val in v.items()):
+        return {clean_text(k): clean_text(val) for k, val in v.items()}
     return v
 
 
@@ -35,10 +38,10 @@ class Strict(BaseModel):
 class TokenCreate(Strict):
     """Create an enrolment token."""
 
-    group: str | None = Field(default=None, max_length=100)
+    group: SafeStr | None = Field(default=None, max_length=100)
     uses: int | None = Field(default=1, ge=1, le=1_000_000, description="null: unlimited")
     expires_in_s: int | None = Field(default=7 * 86400, ge=60, le=10 * 365 * 86400)
-    note: str = Field(default="", max_length=500)
+    note: SafeStr = Field(default="", max_length=500)
 
 
 class TokenOut(BaseModel):
@@ -68,13 +71,13 @@ class TokenCreated(TokenOut):
 class EnrollRequest(Strict):
     """What an agent sends to enrol."""
 
-    token: str = Field(min_length=1, max_length=200)
-    csr: str = Field(min_length=1, max_length=16_384)
-    name: str | None = Field(default=None, max_length=255)
+    token: SafeStr = Field(min_length=1, max_length=200)
+    csr: SafeStr = Field(min_length=1, max_length=16_384)
+    name: SafeStr | None = Field(default=None, max_length=255)
     facts: dict[str, Annotated[str, Field(max_length=INV_MAX_VALUE_LEN)]] = Field(
         default_factory=dict
     )
-    agent_version: str = Field(default="", max_length=50)
+    agent_version: SafeStr = Field(default="", max_length=50)
 
     @field_validator("facts")
     @classmethod
@@ -97,7 +100,7 @@ class InventoryDelta(Strict):
     base: int = Field(ge=0)
     full: bool = False
     set: dict[str, str] = Field(default_factory=dict)
-    remove: list[Annotated[str, Field(max_length=INV_MAX_KEY_LEN)]] = Field(
+    remove: list[Annotated[ReportedStr, Field(max_length=INV_MAX_KEY_LEN)]] = Field(
         default_factory=list, max_length=INV_MAX_KEYS
     )
 
@@ -110,10 +113,12 @@ class InventoryDelta(Strict):
 class CheckinRequest(Strict):
     """One check-in: results, acknowledgements, inventory changes."""
 
-    agent_version: str = Field(default="", max_length=50)
+    agent_version: ReportedStr = Field(default="", max_length=50)
     inventory: InventoryDelta | None = None
     results: list[RunResult] = Field(default_factory=list, max_length=200)
-    acks: list[Annotated[str, Field(max_length=32)]] = Field(default_factory=list, max_length=500)
+    acks: list[Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]] = Field(
+        default_factory=list, max_length=500
+    )
 
 
 class CheckinResponse(BaseModel):
@@ -131,7 +136,7 @@ class GroupCreate(Strict):
     """Create a group."""
 
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    description: str = Field(default="", max_length=500)
+    description: SafeStr = Field(default="", max_length=500)
 
 
 class GroupOut(BaseModel):
@@ -146,7 +151,9 @@ class GroupOut(BaseModel):
 class GroupMembers(Strict):
     """Devices (ids or names) to add to a group."""
 
-    devices: list[Annotated[str, Field(max_length=255)]] = Field(min_length=1, max_length=10_000)
+    devices: list[Annotated[SafeStr, Field(max_length=255)]] = Field(
+        min_length=1, max_length=10_000
+    )
 
 
 class DeviceOut(BaseModel):

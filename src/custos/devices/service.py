@@ -328,7 +328,10 @@ class DeviceService:
                 # queued work for a retired device will never run
                 await uow.session.execute(
                     update(CommandRun)
-                    .where(CommandRun.device_id == d.id, CommandRun.state.in_(("queued", "sent")))
+                    .where(
+                        CommandRun.device_id == d.id,
+                        CommandRun.state.in_(("queued", "sent", "acked")),
+                    )
                     .values(state="cancelled", finished_at=utcnow())
                 )
             device_id = d.id

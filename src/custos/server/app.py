@@ -17,7 +17,7 @@ from custos.db.engine import Database
 from custos.devices import routes as device_routes
 from custos.server.bootstrap import bootstrap
 from custos.server.container import Services
-from custos.server.http import BodyLimit, install_error_handlers
+from custos.server.http import RequestGuard, install_error_handlers
 from custos.server.jobs import JobRunner
 from custos.settings import Settings
 
@@ -56,7 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestGuard, limit=settings.max_body_bytes)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz(request: Request) -> JSONResponse:

@@ -91,8 +91,8 @@ def parse_body(model: type[M], raw: bytes) -> M:
         ) from None
 
 
-class BodyLimit:
-    """Refuses request bodies over the limit with 413, whether announced or streamed."""
+class RequestGuard:
+    """Refuses URLs with NUL characters (422) and bodies over the limit (413, announced or not)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -101,6 +101,11 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            await _send_error(
+                send, 422, "invalid_request", "NUL characters are not allowed in URLs"
+            )
             return
         for k, v in scope["headers"]:
             if k == b"content-length":
@@ -145,13 +150,15 @@ class _BodyTooLarge(Exception):
 
 
 async def _send_413(send: Send, limit: int) -> None:
-    body = json.dumps(
-        {"error": "too_large", "detail": f"request body is larger than {limit} bytes"}
-    ).encode()
+    await _send_error(send, 413, "too_large", f"request body is larger than {limit} bytes")
+
+
+async def _send_error(send: Send, status: int, error: str, detail: str) -> None:
+    body = json.dumps({"error": error, "detail": detail}).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
         }
     )

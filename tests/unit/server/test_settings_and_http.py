@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from custos.errors import Invalid
-from custos.server.http import BodyLimit, install_error_handlers, parse_body
+from custos.server.http import RequestGuard, install_error_handlers, parse_body
 from custos.settings import Settings
 
 
@@ -67,7 +67,7 @@ async def test_body_limit_announced_and_streamed():
     async def echo(body: _Body) -> dict[str, int]:
         return {"n": body.n}
 
-    limited = BodyLimit(app, limit=100)
+    limited = RequestGuard(app, limit=100)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=limited), base_url="http://t"
     ) as c:

@@ -150,7 +150,7 @@ def upgrade() -> None:
         sa.Column("started_at", custos.db.base.UTCDateTime(timezone=True), nullable=True),
         sa.Column("finished_at", custos.db.base.UTCDateTime(timezone=True), nullable=True),
         sa.Column("received_at", custos.db.base.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("exit_code", sa.Integer(), nullable=True),
+        sa.Column("exit_code", sa.BigInteger(), nullable=True),
         sa.Column("stdout", sa.Text(), nullable=False),
         sa.Column("stderr", sa.Text(), nullable=False),
         sa.Column("truncated", sa.Boolean(), nullable=False),
