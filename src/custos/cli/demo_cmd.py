@@ -295,23 +295,26 @@ def _server_argv(data_dir: Path, host: str, port: int) -> list[str]:
     ]
 
 
-def _server_env(password: str) -> dict[str, str]:
+def _server_env(password: str, interval: float) -> dict[str, str]:
     # the demo is self-contained: no CUSTOS_* setting of the caller's own server leaks in
     env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTOS_")}
     env["CUSTOS_ADMIN_PASSWORD"] = password
+    # real agents enrolled into the demo check in as often as the simulated ones, so a
+    # command sent from the tour comes back within seconds
+    env["CUSTOS_CHECKIN_INTERVAL_S"] = str(max(5, round(interval)))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
 def _spawn_server(
-    data_dir: Path, host: str, port: int, password: str, log: IO[bytes]
+    data_dir: Path, host: str, port: int, password: str, log: IO[bytes], interval: float
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         _server_argv(data_dir, host, port),
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=_server_env(password),
+        env=_server_env(password, interval),
         start_new_session=True,  # Ctrl-C reaches only us; we stop the server in order
     )
 
@@ -482,7 +485,7 @@ async def _demo_main(*, data_dir: Path, host: str, port: int, devices: int, inte
     log_path = data_dir / SERVER_LOG
     log: IO[bytes] = log_path.open("wb")
     err.print(f"Starting the Custos server on [cyan]{_esc(url)}[/] (data in {_esc(data_dir)}) …")
-    proc = _spawn_server(data_dir, host, port, password, log)
+    proc = _spawn_server(data_dir, host, port, password, log, interval)
     try:
         return await _demo_with_server(
             err,
