@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     checkin_interval_s: int = 60
     signature_skew_s: int = 300
     last_seen_flush_s: float = 5.0
+    push_backend: Literal["auto", "memory", "postgres"] = Field(
+        default="auto", description="wake-up channel; auto: NOTIFY on PostgreSQL, else in-process"
+    )
 
     # limits on what a client controls
     max_body_bytes: int = 4 * 1024 * 1024

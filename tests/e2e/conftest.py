@@ -19,12 +19,19 @@ LOGS_KEY = pytest.StashKey[list[tuple[str, Path]]]()
 
 @pytest.fixture
 def e2e(db_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[E2E]:
-    """A running `custos server` on the test database, with a logged-in admin."""
+    """A running `custos server` on the test database, with a logged-in admin.
+
+    `@pytest.mark.server_env(CUSTOS_X="v")` adds to (or overrides) the server's environment,
+    e.g. a realistic check-in interval instead of the harness's 1 s.
+    """
     logs: list[tuple[str, Path]] = []
     request.node.stash[LOGS_KEY] = logs
     root = tmp_path / "e2e"
     root.mkdir()
     world = E2E(db_url, root, logs)
+    marker = request.node.get_closest_marker("server_env")
+    if marker is not None:
+        world.server.env.update({k: str(v) for k, v in marker.kwargs.items()})
     try:
         world.start()
         yield world

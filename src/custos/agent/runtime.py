@@ -59,6 +59,7 @@ class AgentRuntime:
         inventory_interval_s: float = 3600.0,
         reboot_argv: list[str] | None = None,
         max_output: int = 1024 * 1024,
+        push: bool = False,
     ) -> None:
         self.state = state
         self.identity = identity
@@ -69,6 +70,7 @@ class AgentRuntime:
         self.inventory_interval_s = inventory_interval_s
         self.reboot_argv = reboot_argv or default_reboot_argv()
         self.max_output = max_output
+        self.push = push  # keep a WebSocket open for wake nudges while run_forever runs
         self._wake = asyncio.Event()
         self._work = asyncio.Event()
         self._full_inventory = False
@@ -378,10 +380,19 @@ class AgentRuntime:
         """Check in at the interval (with jitter), back off on errors, until stop is set."""
         self.recover()
         worker = asyncio.create_task(self._worker(stop))
+        tasks = [worker]
+        if self.push:
+            from custos.agent.push import PushListener
+
+            listener = PushListener(self.client, self._wake.set, ca_pem=self.identity.ca_pem)
+            tasks.append(asyncio.create_task(listener.run(), name="push"))
         failures = 0
         immediate = 0
         try:
             while not stop.is_set():
+                # cleared before, not after, the check-in: a nudge that arrives while it is
+                # under way may be for work it did not see, so it triggers another round
+                self._wake.clear()
                 try:
                     await self.checkin()
                     failures = 0
@@ -401,11 +412,11 @@ class AgentRuntime:
                 if delay > 0:
                     await self._sleep(stop, delay)
         finally:
-            worker.cancel()
-            await asyncio.gather(worker, return_exceptions=True)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
-        self._wake.clear()
         waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self._wake.wait())]
         try:
             await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)

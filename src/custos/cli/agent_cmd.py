@@ -39,6 +39,7 @@ def _setup_logging(state_dir: Path, verbose: bool) -> None:
     root.handlers[:] = [fh, sh]
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # frame dumps at DEBUG
 
 
 def register(app: typer.Typer) -> None:
@@ -88,6 +89,12 @@ def register(app: typer.Typer) -> None:
         once: bool = typer.Option(False, "--once", help="one check-in cycle, then exit"),
         inventory_interval: float = typer.Option(3600, "--inventory-interval", min=1),
         verbose: bool = typer.Option(False, "--verbose", "-v"),
+        push: bool = typer.Option(
+            True,
+            "--push/--no-push",
+            envvar="CUSTOS_AGENT_PUSH",
+            help="keep a WebSocket open so new work arrives at once (CUSTOS_AGENT_PUSH=0: off)",
+        ),
     ) -> None:
         """Check in, run commands, report inventory; until stopped (SIGTERM/SIGINT)."""
         from custos.agent.client import ServerRefused
@@ -109,6 +116,7 @@ def register(app: typer.Typer) -> None:
             ident,
             inventory_interval_s=inventory_interval,
             reboot_argv=json.loads(reboot) if reboot else None,
+            push=push and not once,
         )
 
         async def main() -> None:

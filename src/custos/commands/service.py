@@ -28,6 +28,7 @@ from custos.db.engine import Database
 from custos.devices.models import Device
 from custos.devices.service import resolve_target
 from custos.errors import Conflict, Invalid, NotFound, TooLarge
+from custos.push.hub import PushHub
 
 PENDING = ("queued", "sent")
 TERMINAL = ("succeeded", "failed", "interrupted", "expired", "rejected", "cancelled")
@@ -41,10 +42,11 @@ def _counts(rows: Sequence[tuple[str, int]]) -> dict[str, int]:
 class CommandService:
     """Queues commands for devices and records what they report."""
 
-    def __init__(self, db: Database, upload_dir: Path, max_output: int) -> None:
+    def __init__(self, db: Database, upload_dir: Path, max_output: int, *, push: PushHub) -> None:
         self.db = db
         self.upload_dir = upload_dir
         self.max_output = max_output
+        self.push = push
 
     async def create(self, req: CommandCreate, created_by: str) -> CommandDetail:
         """One command, one run per target device, in one transaction."""
@@ -85,6 +87,9 @@ class CommandService:
                 ],
             )
             command_id = cmd.id
+            if req.not_before is None or req.not_before <= now:
+                # woken only once the runs are committed, or a quick agent would find nothing
+                uow.after_commit(lambda: self.push.nudge(device_ids))
         return await self.show(command_id)
 
     async def list_commands(self, *, limit: int, offset: int) -> list[CommandOut]:

@@ -15,6 +15,8 @@ from custos.accounts import routes as account_routes
 from custos.commands import routes as command_routes
 from custos.db.engine import Database
 from custos.devices import routes as device_routes
+from custos.push import routes as push_routes
+from custos.push.hub import build_push
 from custos.server.bootstrap import bootstrap
 from custos.server.container import Services
 from custos.server.http import RequestGuard, install_error_handlers
@@ -31,11 +33,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.database_url, pool_size=settings.db_pool_size)
         boot = await bootstrap(settings, db)
-        svc = Services.build(settings, db, boot.ca)
+        push = build_push(settings)
+        svc = Services.build(settings, db, boot.ca, push)
         app.state.services = svc
         jobs = JobRunner()
         jobs.every(settings.last_seen_flush_s, "flush-last-seen", svc.checkin.flush_last_seen)
         jobs.every(30, "expire-commands", svc.commands.expire_overdue)
+        await push.start()
         jobs.start()
         try:
             yield
@@ -45,6 +49,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await svc.checkin.flush_last_seen()
             except Exception:
                 log.exception("final last-seen flush failed")
+            await push.stop()
             await db.dispose()
 
     app = FastAPI(
@@ -56,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    logging.getLogger("uvicorn.error").addFilter(push_routes.DENIAL_LOG_FILTER)
     app.add_middleware(RequestGuard, limit=settings.max_body_bytes)
 
     @app.get("/healthz", include_in_schema=False)
@@ -75,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
         device_routes.device_router,
         command_routes.admin_router,
         command_routes.device_router,
+        push_routes.device_router,
     ):
         app.include_router(r)
     return app

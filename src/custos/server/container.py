@@ -11,6 +11,7 @@ from custos.devices.ca import CertificateAuthority
 from custos.devices.checkin import DeviceCheckin
 from custos.devices.identity import DeviceAuthenticator
 from custos.devices.service import DeviceService, EnrollmentService
+from custos.push.hub import PushHub
 from custos.settings import Settings
 
 
@@ -27,12 +28,17 @@ class Services:
     devices: DeviceService
     commands: CommandService
     checkin: DeviceCheckin
+    push: PushHub
 
     @classmethod
-    def build(cls, settings: Settings, db: Database, ca: CertificateAuthority) -> Services:
-        """Wire the services together."""
+    def build(
+        cls, settings: Settings, db: Database, ca: CertificateAuthority, push: PushHub
+    ) -> Services:
+        """Wire the services together (the push hub is started by the caller)."""
         auth = DeviceAuthenticator(db, skew_s=settings.signature_skew_s)
-        commands = CommandService(db, settings.data_dir / "uploads", settings.max_output_bytes)
+        commands = CommandService(
+            db, settings.data_dir / "uploads", settings.max_output_bytes, push=push
+        )
         return cls(
             settings=settings,
             db=db,
@@ -48,4 +54,5 @@ class Services:
                 interval=settings.checkin_interval_s,
                 max_commands=settings.max_commands_per_checkin,
             ),
+            push=push,
         )

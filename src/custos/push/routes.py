@@ -1,0 +1,95 @@
+"""The device's push WebSocket: signed like every device request, it carries only wake nudges."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
+
+from custos import protocol
+from custos.errors import Unauthorized
+from custos.server.container import Services
+
+log = logging.getLogger(__name__)
+
+device_router = APIRouter(prefix=protocol.DEVICE_API, tags=["device protocol"])
+WAKE = '{"type":"wake"}'
+CLOSE_REFUSED = 4401
+
+
+@device_router.websocket("/push")
+async def push(ws: WebSocket) -> None:
+    """Verify the signed upgrade request, then send {"type":"wake"} whenever work is queued."""
+    svc: Services = ws.app.state.services
+    raw_path = ws.scope.get("raw_path") or ws.scope["path"].encode()
+    qs = ws.scope.get("query_string", b"")
+    path_qs = raw_path.decode("latin-1") + (("?" + qs.decode("latin-1")) if qs else "")
+    try:
+        auth = await svc.authenticator.verify("GET", path_qs, ws.headers, b"", check_status=True)
+    except Unauthorized as exc:
+        await _refuse(ws, exc)
+        return
+    # a device hears only its own nudges: the subscription is for the id it proved
+    sub = svc.push.subscribe(auth.device_id)
+    receiver: asyncio.Task[None] | None = None
+    waiter: asyncio.Task[bool] | None = None
+    try:
+        await ws.accept()
+        receiver = asyncio.create_task(_drain(ws))
+        while True:
+            waiter = asyncio.create_task(sub.event.wait())
+            done, _ = await asyncio.wait({receiver, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if receiver in done:
+                break
+            sub.event.clear()
+            await ws.send_text(WAKE)
+    except (WebSocketDisconnect, OSError, RuntimeError):
+        pass  # the device went away mid-send
+    finally:
+        svc.push.unsubscribe(sub)
+        for t in (receiver, waiter):
+            if t is not None:
+                t.cancel()
+        await asyncio.gather(
+            *(t for t in (receiver, waiter) if t is not None), return_exceptions=True
+        )
+
+
+async def _drain(ws: WebSocket) -> None:
+    """Read (and ignore) what the device sends, until it disconnects."""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+
+
+class DenialLogFilter(logging.Filter):
+    """Drops uvicorn's spurious error after a WebSocket denial response.
+
+    uvicorn's websockets-sansio protocol does not mark the handshake complete once a denial
+    response is sent, and logs "ASGI callable returned without completing handshake" at ERROR
+    for every refused device (Kludex/uvicorn PR #3138). Our only WebSocket route either
+    accepts or sends a denial, so the message carries no information here.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for that one message."""
+        return record.getMessage() != "ASGI callable returned without completing handshake."
+
+
+DENIAL_LOG_FILTER = DenialLogFilter()
+
+
+async def _refuse(ws: WebSocket, exc: Unauthorized) -> None:
+    """A 401 with the usual error body when the server can send one, else close 4401."""
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        resp = JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=401)
+        resp.headers[protocol.H_SERVER_TIME] = f"{time.time():.3f}"
+        await ws.send_denial_response(resp)
+    else:
+        await ws.close(code=CLOSE_REFUSED, reason=exc.code)
