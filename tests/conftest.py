@@ -112,6 +112,12 @@ class Api:
     async def post(self, path: str, json: Any = None, **kw: Any) -> httpx.Response:
         return await self.http.post(path, json=json, headers=self.auth, **kw)
 
+    async def command(self, target: str, **body: Any) -> dict[str, Any]:
+        """Queue a command; it must be accepted."""
+        r = await self.post("/api/v1/commands", json={"target": target, **body})
+        assert r.status_code == 201, r.text
+        return r.json()  # type: ignore[no-any-return]
+
     async def enroll_token(self, **body: Any) -> dict[str, Any]:
         r = await self.post("/api/v1/enrollment-tokens", json=body)
         assert r.status_code == 201, r.text

@@ -100,8 +100,28 @@ def _stop_process(proc: subprocess.Popen[bytes], grace: float) -> None:
             proc.wait(10)
 
 
-class ServerProcess:
+class _ChildProcess:
+    """A process a test starts, kills (SIGKILL: no shutdown hooks) and stops (SIGTERM)."""
+
+    proc: subprocess.Popen[bytes] | None
+    grace = 10.0  # seconds between SIGTERM and SIGKILL in stop()
+
+    def kill(self) -> None:
+        """SIGKILL the process."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM (graceful), SIGKILL if it takes longer than `grace`."""
+        if self.proc is not None:
+            _stop_process(self.proc, grace=self.grace)
+
+
+class ServerProcess(_ChildProcess):
     """One `custos server` process; restartable on the same port, data directory and database."""
+
+    grace = 15.0  # the server flushes last-seen times on the way out
 
     def __init__(self, db_url: str, data_dir: Path, log_path: Path) -> None:
         self.db_url = db_url
@@ -155,19 +175,8 @@ class ServerProcess:
                     pytest.fail(f"custos server not healthy after {timeout}s:\n{self.log_tail()}")
                 time.sleep(0.1)
 
-    def kill(self) -> None:
-        """SIGKILL: no shutdown hooks, no final flush."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
 
-    def stop(self) -> None:
-        """SIGTERM (graceful), SIGKILL if it takes too long."""
-        if self.proc is not None:
-            _stop_process(self.proc, grace=15)
-
-
-class AgentProcess:
+class AgentProcess(_ChildProcess):
     """The real agent CLI on one state directory."""
 
     def __init__(self, name: str, state_dir: Path, log_path: Path) -> None:
@@ -251,17 +260,6 @@ class AgentProcess:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
             )
-
-    def kill(self) -> None:
-        """SIGKILL the running agent."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        """SIGTERM the running agent (it exits at once), SIGKILL if it does not."""
-        if self.proc is not None:
-            _stop_process(self.proc, grace=10)
 
 
 class Admin:

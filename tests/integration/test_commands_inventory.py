@@ -11,15 +11,9 @@ from custos.commands.models import Command, CommandRun
 from custos.db.base import utcnow
 
 
-async def _run(api, target, **body):
-    r = await api.post("/api/v1/commands", json={"target": target, **body})
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
 async def test_command_delivered_until_acked_then_result_recorded(api):
     dev = await api.new_device("box")
-    cmd = await _run(api, "box", kind="exec", argv=["echo", "hi"])
+    cmd = await api.command("box", kind="exec", argv=["echo", "hi"])
     run_id = cmd["runs"][0]["id"]
     first = await dev.checkin({})
     assert [c["run_id"] for c in first["commands"]] == [run_id]
@@ -48,7 +42,7 @@ async def test_group_target_and_foreign_results_ignored(api):
     await api.post("/api/v1/groups", json={"name": "lab"})
     r = await api.post("/api/v1/groups/lab/devices", json={"devices": ["a", "b"]})
     assert r.json()["devices"] == 2
-    cmd = await _run(api, "group:lab", kind="ping")
+    cmd = await api.command("group:lab", kind="ping")
     assert len(cmd["runs"]) == 2
     run_of_a = next(x["id"] for x in cmd["runs"] if x["device_name"] == "a")
     # b reports a result for a's run: accepted (so b's outbox empties) but not stored
@@ -62,9 +56,9 @@ async def test_group_target_and_foreign_results_ignored(api):
 async def test_not_before_and_expiry(api):
     dev = await api.new_device("timed")
     later = (utcnow() + timedelta(hours=1)).isoformat()
-    await _run(api, "timed", kind="ping", not_before=later)
+    await api.command("timed", kind="ping", not_before=later)
     soon = (utcnow() + timedelta(seconds=1)).isoformat()
-    cmd = await _run(api, "timed", kind="ping", expires_at=soon)
+    cmd = await api.command("timed", kind="ping", expires_at=soon)
     await asyncio.sleep(1.2)
     assert (await dev.checkin({}))["commands"] == []
     detail = (await api.get(f"/api/v1/commands/{cmd['id']}")).json()

@@ -9,15 +9,9 @@ from custos import protocol
 from custos.db.base import utcnow
 
 
-async def _cmd(api, target, **body):
-    r = await api.post("/api/v1/commands", json={"target": target, **body})
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
 async def test_odd_results_are_stored_cleaned_not_refused(api):
     dev = await api.new_device("odd")
-    cmd = await _cmd(api, "odd", kind="exec", argv=["cat", "/bin/true"])
+    cmd = await api.command("odd", kind="exec", argv=["cat", "/bin/true"])
     run_id = cmd["runs"][0]["id"]
     await dev.checkin({})
     odd = {
@@ -71,10 +65,10 @@ async def test_future_runs_do_not_starve_due_ones(api):
     dev = await api.new_device("busy")
     later = (utcnow() + timedelta(hours=1)).isoformat()
     for _ in range(5):
-        await _cmd(api, "busy", kind="ping", not_before=later)
+        await api.command("busy", kind="ping", not_before=later)
     # nothing due: the check-in stays on the read-only path
     assert (await dev.checkin({}))["commands"] == []
-    due = await _cmd(api, "busy", kind="ping")
+    due = await api.command("busy", kind="ping")
     got = (await dev.checkin({}))["commands"]
     assert [c["run_id"] for c in got] == [due["runs"][0]["id"]]
 
@@ -83,7 +77,7 @@ async def test_upload_hash_mismatch_restarts_and_empty_chunks_refused(api):
     from custos.agent.client import RequestRejected
 
     dev = await api.new_device("up")
-    cmd = await _cmd(api, "up", kind="collect_file", path="/var/log/x.log")
+    cmd = await api.command("up", kind="collect_file", path="/var/log/x.log")
     run_id = cmd["runs"][0]["id"]
     await dev.checkin({})
     base = f"{protocol.DEVICE_API}/uploads/{run_id}"
@@ -115,7 +109,7 @@ async def test_upload_hash_mismatch_restarts_and_empty_chunks_refused(api):
     assert again["received"] == 0 and not again["complete"]
     # an empty file must carry the hash of nothing
     meta0 = {"size": 0, "sha256": "0" * 64, "source_path": "/e"}
-    cmd0 = await _cmd(api, "up", kind="collect_file", path="/e")
+    cmd0 = await api.command("up", kind="collect_file", path="/e")
     await dev.checkin({})
     try:
         await dev.request(
@@ -136,7 +130,7 @@ async def test_agent_with_an_oversized_inventory_still_reports_results(api):
     dev = await api.new_device("huge-inv")
     huge = {f"sw.dpkg.p{i}": "v" * 4000 for i in range(1500)}  # ~6 MB: over the body limit
     rt = AgentRuntime(dev.state, dev.identity, client=dev, collect=lambda: huge)
-    cmd = await _cmd(api, "huge-inv", kind="ping")
+    cmd = await api.command("huge-inv", kind="ping")
     try:
         await rt.checkin()
     except RequestRejected as exc:
