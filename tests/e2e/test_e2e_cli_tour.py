@@ -21,32 +21,20 @@ def _cli(
     )
 
 
+def _login(env: dict[str, str], url: str, fingerprint: str) -> subprocess.CompletedProcess[str]:
+    return _cli(
+        env,
+        *("login", url, "--user", "admin", "--password-stdin", "--ca-fingerprint", fingerprint),
+        stdin=ADMIN_PASSWORD + "\n",
+    )
+
+
 def test_readme_tour(e2e: E2E, tmp_path: Path) -> None:
     env = clean_env(CUSTOS_CLI_CONFIG=str(tmp_path / "cli"), COLUMNS="200")
     # login pins the CA given on the command line and refuses a wrong one
-    bad = _cli(
-        env,
-        "login",
-        e2e.url,
-        "--user",
-        "admin",
-        "--password-stdin",
-        "--ca-fingerprint",
-        "0" * 64,
-        stdin=ADMIN_PASSWORD + "\n",
-    )
+    bad = _login(env, e2e.url, "0" * 64)
     assert bad.returncode != 0 and "mismatch" in bad.stderr
-    ok = _cli(
-        env,
-        "login",
-        e2e.url,
-        "--user",
-        "admin",
-        "--password-stdin",
-        "--ca-fingerprint",
-        e2e.fingerprint,
-        stdin=ADMIN_PASSWORD + "\n",
-    )
+    ok = _login(env, e2e.url, e2e.fingerprint)
     assert ok.returncode == 0, ok.stderr
 
     created = _cli(env, "token", "create", "--uses", "1", "--expires", "1d", "--json")

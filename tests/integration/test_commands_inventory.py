@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import func, select
 
 from custos.commands.models import Command, CommandRun
@@ -124,12 +125,9 @@ async def test_oversized_inventory_refused_and_unchanged(api):
     from custos.agent.client import RequestRejected
 
     bad = {"base": 1, "set": {"a": "x" * 5000}, "remove": []}
-    try:
+    with pytest.raises(RequestRejected) as exc:
         await dev.checkin({"inventory": bad})
-    except RequestRejected as exc:
-        assert exc.status == 422
-    else:
-        raise AssertionError("oversized value accepted")
+    assert exc.value.status == 422
     shown = (await api.get(f"/api/v1/devices/{dev.device_id}")).json()
     assert shown["inventory"] == {"a": "1"} and shown["inventory_version"] == 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import func, select, update
 
 from custos.agent.client import ServerRefused
@@ -91,12 +92,9 @@ async def test_retired_device_is_refused(api):
     await dev.checkin({})
     r = await api.post(f"/api/v1/devices/{dev.device_id}/retire")
     assert r.status_code == 200 and r.json()["status"] == "retired"
-    try:
+    with pytest.raises(ServerRefused) as exc:
         await dev.checkin({})
-    except ServerRefused as exc:
-        assert exc.code == "retired"
-    else:
-        raise AssertionError("a retired device was let in")
+    assert exc.value.code == "retired"
 
 
 async def test_forged_signature_and_unknown_device_refused(api):
@@ -122,12 +120,9 @@ async def test_forged_signature_and_unknown_device_refused(api):
             "unknown_device",
         ),
     ):
-        try:
+        with pytest.raises(ServerRefused) as exc:
             await client.checkin({})
-        except ServerRefused as exc:
-            assert exc.code == code
-        else:
-            raise AssertionError(f"expected {code}")
+        assert exc.value.code == code
     # unsigned request
     r = await api.http.post("/api/device/v1/checkin", json={})
     assert r.status_code == 401 and r.json()["error"] == "unsigned"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from datetime import timedelta
 
+import pytest
+
 from custos import protocol
 from custos.db.base import utcnow
 
@@ -92,7 +94,7 @@ async def test_upload_hash_mismatch_restarts_and_empty_chunks_refused(api):
     up = await dev.request("POST", base, body=json.dumps(meta).encode())
     assert up["received"] == 0
     for chunk, code in ((b"", "empty_chunk"), (data, "hash_mismatch")):
-        try:
+        with pytest.raises(RequestRejected) as exc:
             await dev.request(
                 "PUT",
                 base,
@@ -100,10 +102,7 @@ async def test_upload_hash_mismatch_restarts_and_empty_chunks_refused(api):
                 params={"offset": "0"},
                 content_type="application/octet-stream",
             )
-        except RequestRejected as exc:
-            assert exc.code == code
-        else:
-            raise AssertionError(code)
+        assert exc.value.code == code
     # the reset was committed: announcing again starts from zero (no endless offset loop)
     again = await dev.request("POST", base, body=json.dumps(meta).encode())
     assert again["received"] == 0 and not again["complete"]
@@ -111,16 +110,13 @@ async def test_upload_hash_mismatch_restarts_and_empty_chunks_refused(api):
     meta0 = {"size": 0, "sha256": "0" * 64, "source_path": "/e"}
     cmd0 = await api.command("up", kind="collect_file", path="/e")
     await dev.checkin({})
-    try:
+    with pytest.raises(RequestRejected) as exc:
         await dev.request(
             "POST",
             f"{protocol.DEVICE_API}/uploads/{cmd0['runs'][0]['id']}",
             body=json.dumps(meta0).encode(),
         )
-    except RequestRejected as exc:
-        assert exc.code == "hash_mismatch"
-    else:
-        raise AssertionError("empty upload with a wrong hash accepted")
+    assert exc.value.code == "hash_mismatch"
 
 
 async def test_agent_with_an_oversized_inventory_still_reports_results(api):
@@ -131,12 +127,9 @@ async def test_agent_with_an_oversized_inventory_still_reports_results(api):
     huge = {f"sw.dpkg.p{i}": "v" * 4000 for i in range(1500)}  # ~6 MB: over the body limit
     rt = AgentRuntime(dev.state, dev.identity, client=dev, collect=lambda: huge)
     cmd = await api.command("huge-inv", kind="ping")
-    try:
+    with pytest.raises(RequestRejected) as exc:
         await rt.checkin()
-    except RequestRejected as exc:
-        assert exc.status == 413
-    else:
-        raise AssertionError("expected the oversized inventory to be refused")
+    assert exc.value.status == 413
     await rt.checkin()  # without the inventory now: gets the ping
     assert await rt.run_due() == 1
     await rt.checkin()

@@ -41,6 +41,17 @@ import psutil
 
 log = logging.getLogger(__name__)
 
+# every key the collector (and the simulator) produces matches this scheme
+KEY_SCHEME = re.compile(
+    r"^(?:"
+    r"os\.(?:name|version|pretty|kernel|arch|hostname|boot_time)"
+    r"|hw\.(?:manufacturer|model|serial|cpu\.(?:model|cores|threads)|memory\.total_bytes"
+    r"|battery\.(?:percent|plugged)|disk\.\S+\.(?:total_bytes|fstype|device)"
+    r"|net\.\S+\.(?:mac|ipv4|ipv6))"
+    r"|sw\.(?:dpkg|rpm|pip|winreg|macapp)\.\S+"
+    r")$"
+)
+
 MAX_KEYS = 50_000
 MAX_KEY_LEN = 512
 MAX_VALUE_LEN = 4096

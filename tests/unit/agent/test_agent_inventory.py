@@ -17,6 +17,7 @@ import pytest
 from custos.agent import inventory as inv_mod
 from custos.agent.inventory import (
     FACT_KEYS,
+    KEY_SCHEME,
     MAX_KEY_LEN,
     MAX_KEYS,
     MAX_VALUE_LEN,
@@ -26,16 +27,6 @@ from custos.agent.inventory import (
     inventory_delta,
     key_part,
     normalize_pip_name,
-)
-
-KEY_SCHEME = re.compile(
-    r"^(?:"
-    r"os\.(?:name|version|pretty|kernel|arch|hostname|boot_time)"
-    r"|hw\.(?:manufacturer|model|serial|cpu\.(?:model|cores|threads)|memory\.total_bytes"
-    r"|battery\.(?:percent|plugged)|disk\.\S+\.(?:total_bytes|fstype|device)"
-    r"|net\.\S+\.(?:mac|ipv4|ipv6))"
-    r"|sw\.(?:dpkg|rpm|pip|winreg|macapp)\.\S+"
-    r")$"
 )
 
 Addr = namedtuple("Addr", "family address netmask broadcast ptp")

@@ -10,18 +10,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from custos.agent.inventory import MAX_KEY_LEN, MAX_VALUE_LEN, inventory_delta
+from custos.agent.inventory import KEY_SCHEME, MAX_KEY_LEN, MAX_VALUE_LEN, inventory_delta
 from custos.sim.inventory import fake_hostname, fake_inventory, mutate_inventory
 
-KEY_SCHEME = re.compile(
-    r"^(?:"
-    r"os\.(?:name|version|pretty|kernel|arch|hostname|boot_time)"
-    r"|hw\.(?:manufacturer|model|serial|cpu\.(?:model|cores|threads)|memory\.total_bytes"
-    r"|battery\.(?:percent|plugged)|disk\.\S+\.(?:total_bytes|fstype|device)"
-    r"|net\.\S+\.(?:mac|ipv4|ipv6))"
-    r"|sw\.(?:dpkg|rpm|pip|winreg|macapp)\.\S+"
-    r")$"
-)
 REQUIRED = (
     "os.name",
     "os.version",
