@@ -29,6 +29,10 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+# The server is SIGKILLed while the test's own httpx client has requests in flight; httpcore can
+# then drop a half-open TLS socket without closing it. That is the test client's socket, not the
+# server's or the agent's, so its ResourceWarning is ignored here (CI saw it once in ~20 runs).
+@pytest.mark.filterwarnings("ignore:unclosed:ResourceWarning")
 def test_server_sigkill_during_command_burst(e2e: E2E) -> None:
     admin = e2e.admin
     agent = e2e.agent("burst")
