@@ -3,7 +3,9 @@
 --   wrk -t2 -c64 -d15s --latency -s bench/checkin.lua URL -- REQUESTS.lua
 --
 -- REQUESTS.lua (written by bench/run.py) returns
---   { path = "/api/device/v1/checkin", body = "...", requests = { {device, time, signature}, ... } }
+--   { path = "/api/device/v1/checkin", body = "...",
+--     requests = { { {header, value}, {header, value}, ... }, ... } }
+-- (one entry per device: the headers that prove its identity, as SimFleet.auth_headers made them)
 -- Each thread starts at its own offset in the list. Every response that is not 200 is
 -- counted (by status) and reported by done() on one line starting with "WRKJSON ".
 
@@ -25,12 +27,10 @@ statuses = {}
 function init(args)
    local data = dofile(args[1])
    for _, r in ipairs(data.requests) do
-      local headers = {
-         ["Content-Type"] = "application/json",
-         ["X-Custos-Device"] = r[1],
-         ["X-Custos-Time"] = r[2],
-         ["X-Custos-Signature"] = r[3],
-      }
+      local headers = { ["Content-Type"] = "application/json" }
+      for _, h in ipairs(r) do
+         headers[h[1]] = h[2]
+      end
       n = n + 1
       reqs[n] = wrk.format("POST", data.path, headers, data.body)
    end

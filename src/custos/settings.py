@@ -6,14 +6,17 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """Server configuration; secrets are SecretStr so they never print."""
 
-    model_config = SettingsConfigDict(env_prefix="CUSTOS_", extra="forbid")
+    # errors name the setting and the reason, never the value (it may hold a secret)
+    model_config = SettingsConfigDict(
+        env_prefix="CUSTOS_", extra="forbid", hide_input_in_errors=True
+    )
 
     data_dir: Path = Path("var")
     db: str | None = Field(
@@ -37,9 +40,37 @@ class Settings(BaseSettings):
     checkin_interval_s: int = 60
     signature_skew_s: int = 300
     last_seen_flush_s: float = 5.0
-    push_backend: Literal["auto", "memory", "postgres"] = Field(
-        default="auto", description="wake-up channel; auto: NOTIFY on PostgreSQL, else in-process"
+    session_ttl_s: int = Field(
+        default=6 * 3600, ge=60, le=7 * 86400, description="lifetime of a device session key"
     )
+    cache_resync_s: float = Field(
+        default=60.0, gt=0, description="safety-net rebuild of the work index and status cache"
+    )
+    push_backend: Literal["auto", "memory", "postgres", "mqtt"] = Field(
+        default="auto",
+        description="wake-up channel; auto: NOTIFY on PostgreSQL, else in-process; "
+        "mqtt: devices subscribe to a broker (the mqtt_* settings)",
+    )
+    # the MQTT push backend (docs/operations.md, "Push through an MQTT broker")
+    mqtt_url: str = Field(
+        default="mqtt://127.0.0.1:1883",
+        description="broker this server publishes to: mqtt://host:1883 or mqtts://host:8883",
+    )
+    mqtt_device_url: str | None = Field(
+        default=None, description="broker URL devices are told to use, if not mqtt_url"
+    )
+    mqtt_topic_prefix: str = Field(
+        default="custos/wake", description="devices subscribe to <prefix>/<device id>"
+    )
+    mqtt_username: str | None = Field(default=None, max_length=256)
+    mqtt_password: SecretStr | None = None
+    mqtt_ca_file: Path | None = Field(
+        default=None, description="CA bundle to verify an mqtts:// broker (default: system CAs)"
+    )
+    mqtt_cert_file: Path | None = Field(
+        default=None, description="client certificate for the server's broker connection"
+    )
+    mqtt_key_file: Path | None = None
 
     # limits on what a client controls
     max_body_bytes: int = 4 * 1024 * 1024
@@ -55,6 +86,28 @@ class Settings(BaseSettings):
         if not 0 <= v <= 65535:
             raise ValueError("port must be between 0 and 65535")
         return v
+
+    @field_validator("mqtt_url", "mqtt_device_url")
+    @classmethod
+    def _mqtt_url(cls, v: str | None) -> str | None:
+        from custos.push.mqtt import parse_mqtt_url
+
+        if v is not None:
+            parse_mqtt_url(v)
+        return v
+
+    @field_validator("mqtt_topic_prefix")
+    @classmethod
+    def _mqtt_topic_prefix(cls, v: str) -> str:
+        from custos.push.mqtt import check_topic_prefix
+
+        return check_topic_prefix(v)
+
+    @model_validator(mode="after")
+    def _mqtt_client_cert(self) -> Settings:
+        if (self.mqtt_cert_file is None) != (self.mqtt_key_file is None):
+            raise ValueError("mqtt_cert_file and mqtt_key_file go together")
+        return self
 
     @property
     def database_url(self) -> str:

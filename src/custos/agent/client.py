@@ -1,8 +1,14 @@
-"""The agent's HTTP client: pins the server's CA and signs every request with the device key."""
+"""The agent's HTTP client: pins the server's CA and signs every request.
+
+The first request of a run is signed with the device's Ed25519 key and opens a session;
+later ones are signed with the session key (HMAC-SHA256), which is far cheaper for the
+server to check. See docs/agent-protocol.md.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 import time
 from collections.abc import Mapping
@@ -12,6 +18,8 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from custos import protocol
+
+log = logging.getLogger("custos.agent")
 
 
 class ServerRefused(Exception):
@@ -61,6 +69,10 @@ class DeviceClient:
         self.device_id = device_id
         self.key = key
         self.clock_offset = 0.0  # server time minus ours, learnt from refusals for skew
+        # requests after the first are signed with a session key (HMAC) rather than Ed25519;
+        # False once a server without sessions (404) has been met
+        self.use_sessions = True
+        self._session: tuple[str, bytes, float] | None = None  # token, key, monotonic expiry
         verify: ssl.SSLContext | bool = pinned_context(ca_pem) if ca_pem else True
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
@@ -83,12 +95,22 @@ class DeviceClient:
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> Any:
-        """Send one signed request; returns parsed JSON. Retries once after a clock correction."""
-        for attempt in (0, 1):
+        """Send one signed request; returns parsed JSON.
+
+        Retries once after a clock correction and once with a fresh session key.
+        """
+        retried_clock = retried_session = False
+        while True:
             url = httpx.URL(self.base_url + path, params=params)
             path_qs = url.raw_path.decode("ascii")
             ts = int(time.time() + self.clock_offset)
-            headers = protocol.sign_request(self.key, self.device_id, method, path_qs, body, ts)
+            session = await self._current_session() if path != protocol.SESSION_PATH else None
+            if session is not None:
+                headers = protocol.sign_with_session(
+                    session[1], session[0], self.device_id, method, path_qs, body, ts
+                )
+            else:
+                headers = protocol.sign_request(self.key, self.device_id, method, path_qs, body, ts)
             headers["content-type"] = content_type
             try:
                 resp = await self._http.request(method, url, content=body, headers=headers)
@@ -97,17 +119,44 @@ class DeviceClient:
             if resp.status_code < 300:
                 return resp.json()
             code, detail = _error_of(resp)
-            if resp.status_code == 401 and code == "clock_skew" and attempt == 0:
+            if resp.status_code == 401 and code == "clock_skew" and not retried_clock:
                 server_time = resp.headers.get(protocol.H_SERVER_TIME)
                 if server_time:
                     self.clock_offset = float(server_time) - time.time()
+                    retried_clock = True
                     continue
+            if resp.status_code == 401 and code in SESSION_ERRORS and not retried_session:
+                self._session = None  # expired, or the server's CA (and so its secret) changed
+                retried_session = True
+                continue
             if resp.status_code in (401, 403):
                 raise ServerRefused(resp.status_code, code, detail)
             if resp.status_code >= 500 or resp.status_code == 429:
                 raise ServerError(f"server answered {resp.status_code}: {detail}")
             raise RequestRejected(resp.status_code, code, detail)
-        raise ServerError("clock correction did not help")
+
+    async def _current_session(self) -> tuple[str, bytes, float] | None:
+        """A session valid for at least another minute, opened if needed (None: no sessions)."""
+        if not self.use_sessions:
+            return None
+        if self._session is not None and self._session[2] - time.monotonic() > 60:
+            return self._session
+        self._session = None
+        try:
+            data = await self.request("POST", protocol.SESSION_PATH)
+        except RequestRejected as exc:
+            if exc.status != 404:
+                raise
+            log.info("the server has no device sessions; signing every request with the key")
+            self.use_sessions = False
+            return None
+        lifetime = float(data["expires_at"]) - float(data["server_time"])
+        self._session = (
+            str(data["token"]),
+            protocol.decode_key(str(data["key"])),
+            time.monotonic() + lifetime,
+        )
+        return self._session
 
     async def checkin(self, payload: dict[str, Any]) -> dict[str, Any]:
         """POST a check-in."""
@@ -116,6 +165,9 @@ class DeviceClient:
             "POST", protocol.DEVICE_API + "/checkin", body=body
         )
         return result
+
+
+SESSION_ERRORS = ("bad_session", "session_expired")
 
 
 def encode_json(payload: Any) -> bytes:

@@ -22,6 +22,7 @@ from custos.agent.executor import run_process, script_argv
 from custos.agent.identity import Identity
 from custos.agent.inventory import collect_inventory, inventory_delta
 from custos.agent.state import AgentState, QueuedCommand
+from custos.agent.tasks import TaskScheduler, TaskStore
 
 log = logging.getLogger("custos.agent")
 
@@ -60,6 +61,7 @@ class AgentRuntime:
         reboot_argv: list[str] | None = None,
         max_output: int = 1024 * 1024,
         push: bool = False,
+        mqtt_ca_pem: str | None = None,
     ) -> None:
         self.state = state
         self.identity = identity
@@ -70,12 +72,25 @@ class AgentRuntime:
         self.inventory_interval_s = inventory_interval_s
         self.reboot_argv = reboot_argv or default_reboot_argv()
         self.max_output = max_output
-        self.push = push  # keep a WebSocket open for wake nudges while run_forever runs
+        self.push = push  # keep a push connection open for wake nudges while run_forever runs
+        self.mqtt_ca_pem = mqtt_ca_pem  # the MQTT broker's CA, when it is not the Custos CA
+        self.push_channel: Any = None  # a PushChannel while run_forever runs with push
         self._wake = asyncio.Event()
         self._work = asyncio.Event()
         self._full_inventory = False
         self._inventory_due = 0.0
         self._result_batch = 100
+        # scheduled tasks run from the local state with no network, by the server's clock
+        if not self.client.clock_offset and state.get("clock_offset"):
+            self.client.clock_offset = float(state.get("clock_offset") or 0.0)
+        self._task_batch = 100
+        self._offline = False
+        self.tasks = TaskScheduler(
+            TaskStore(state._db),
+            clock_offset=lambda: self.client.clock_offset,
+            work_dir=state.dir / "tmp",
+            on_result=self._task_result_ready,
+        )
 
     # --- settings ---
 
@@ -114,16 +129,27 @@ class AgentRuntime:
         payload: dict[str, Any] = {"agent_version": __version__, "results": results, "acks": acks}
         if inv is not None:
             payload["inventory"] = inv
+        task_results = self.tasks.store.outbox(self._task_batch)
+        if task_results:
+            payload["task_results"] = task_results
         try:
             resp = await self.client.checkin(payload)
         except RequestRejected as exc:
+            if task_results:
+                self._task_results_refused(task_results, alone=not results and inv is None)
             self._after_rejection(exc, results, inv is not None)
             raise
         self._result_batch = 100
         if isinstance(resp.get("server_time"), int | float):
             # follow the server's clock (signatures and command times are judged by it)
             self.client.clock_offset = float(resp["server_time"]) - time.time()
+        if self.push_channel is not None:
+            # the server names where to listen for nudges (absent: its WebSocket)
+            self.push_channel.configure(resp.get("push"))
         self.state.sent(list(resp.get("accepted_results", [])))
+        self._task_batch = 100
+        if task_results:
+            self.tasks.store.sent(list(resp.get("accepted_task_results") or []))
         self.state.mark_acked(acks)
         if inv is not None and snapshot is not None:
             if resp.get("inventory_resync"):
@@ -190,7 +216,29 @@ class AgentRuntime:
             )
 
     def _more_to_send(self) -> bool:
-        return bool(self.state.outbox(1)) or bool(self.state.unacked()) or self._full_inventory
+        return (
+            bool(self.state.outbox(1))
+            or bool(self.state.unacked())
+            or self._full_inventory
+            or self.tasks.store.pending() > 0
+        )
+
+    def _task_result_ready(self) -> None:
+        # report now while the server answers; while it is away, the check-in backoff rules
+        if not self._offline:
+            self._wake.set()
+
+    def _task_results_refused(self, sent: list[dict[str, Any]], *, alone: bool) -> None:
+        """A refused check-in is never sent again as it was: isolate, then drop, the culprit."""
+        if len(sent) > 1:
+            self._task_batch = 1
+        elif alone:
+            log.error(
+                "dropping result %s of task %s: the server refuses it",
+                sent[0].get("seq"),
+                sent[0].get("task_id"),
+            )
+            self.tasks.store.sent(sent)
 
     # --- commands ---
 
@@ -263,6 +311,8 @@ class AgentRuntime:
             return {"result": {"reboot": "scheduled", "argv": self.reboot_argv}}
         if cmd.kind == "collect_file":
             return await self._collect(cmd.run_id, p)
+        if cmd.kind in ("schedule", "unschedule"):
+            return self.tasks.handle(cmd.kind, p)
         return {
             "state": "rejected",
             "error": f"this agent does not know the command kind {cmd.kind!r}",
@@ -373,6 +423,7 @@ class AgentRuntime:
         self.recover()
         await self.checkin()
         ran = await self.run_due()
+        await self.tasks.run_pending()
         if ran or self._more_to_send():
             await self.checkin()
 
@@ -380,12 +431,18 @@ class AgentRuntime:
         """Check in at the interval (with jitter), back off on errors, until stop is set."""
         self.recover()
         worker = asyncio.create_task(self._worker(stop))
-        tasks = [worker]
+        tasks = [worker, asyncio.create_task(self.tasks.run_forever(stop), name="tasks")]
         if self.push:
-            from custos.agent.push import PushListener
+            from custos.agent.push import PushChannel
 
-            listener = PushListener(self.client, self._wake.set, ca_pem=self.identity.ca_pem)
-            tasks.append(asyncio.create_task(listener.run(), name="push"))
+            self.push_channel = PushChannel(
+                self.client,
+                self._wake.set,
+                state=self.state,
+                ca_pem=self.identity.ca_pem,
+                mqtt_ca_pem=self.mqtt_ca_pem,
+            )
+            tasks.append(asyncio.create_task(self.push_channel.run(), name="push"))
         failures = 0
         immediate = 0
         try:
@@ -396,6 +453,7 @@ class AgentRuntime:
                 try:
                     await self.checkin()
                     failures = 0
+                    self._offline = False
                     # results or acks still waiting go at once, a few rounds at most
                     if self._more_to_send() and immediate < 5:
                         immediate += 1
@@ -407,6 +465,7 @@ class AgentRuntime:
                     raise
                 except (ServerError, RequestRejected) as exc:
                     failures += 1
+                    self._offline = True
                     delay = min(MAX_BACKOFF_S, 2.0 ** min(failures, 10)) * random.uniform(0.5, 1.0)  # noqa: S311
                     log.warning("check-in failed (%s); retrying in %.1fs", exc, delay)
                 if delay > 0:

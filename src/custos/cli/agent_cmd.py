@@ -93,7 +93,14 @@ def register(app: typer.Typer) -> None:
             True,
             "--push/--no-push",
             envvar="CUSTOS_AGENT_PUSH",
-            help="keep a WebSocket open so new work arrives at once (CUSTOS_AGENT_PUSH=0: off)",
+            help="keep a push connection (WebSocket, or MQTT when the server says so) open "
+            "so new work arrives at once (CUSTOS_AGENT_PUSH=0: off)",
+        ),
+        mqtt_ca: Path = typer.Option(
+            None,
+            "--mqtt-ca",
+            envvar="CUSTOS_AGENT_MQTT_CA",
+            help="CA (PEM) of the MQTT broker, when the server names one; default: the Custos CA",
         ),
     ) -> None:
         """Check in, run commands, report inventory; until stopped (SIGTERM/SIGINT)."""
@@ -111,12 +118,18 @@ def register(app: typer.Typer) -> None:
             err.print(f"[red]error:[/] {exc}")
             raise typer.Exit(1) from None
         reboot = os.environ.get("CUSTOS_AGENT_REBOOT_COMMAND")
+        try:
+            mqtt_ca_pem = mqtt_ca.read_text() if mqtt_ca else None
+        except (OSError, UnicodeDecodeError) as exc:
+            err.print(f"[red]error:[/] cannot read --mqtt-ca {mqtt_ca}: {exc}")
+            raise typer.Exit(2) from None
         runtime = AgentRuntime(
             state,
             ident,
             inventory_interval_s=inventory_interval,
             reboot_argv=json.loads(reboot) if reboot else None,
             push=push and not once,
+            mqtt_ca_pem=mqtt_ca_pem,
         )
 
         async def main() -> None:
@@ -153,6 +166,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Show this agent's identity, last check-in, queue and outbox."""
         from custos.agent.state import AgentState
+        from custos.agent.tasks import TaskStore
 
         sd = state_dir or default_state_dir()
         if not (sd / "agent.db").exists():
@@ -170,6 +184,7 @@ def register(app: typer.Typer) -> None:
                 "inventory_version": state.get("inventory_version"),
                 "clock_offset_s": state.get("clock_offset"),
                 **state.counts(),
+                **TaskStore(state._db).counts(),  # scheduled tasks held, results waiting
             }
         finally:
             state.close()

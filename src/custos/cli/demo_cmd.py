@@ -103,7 +103,8 @@ class _StatusLine:
         line = (
             f"[bold]{_esc(self.title)}[/] [dim]{self.phase}[/] · "
             f"enrolled [bold]{s.enrolled}[/]/{s.devices} · active [green]{s.active}[/] · "
-            f"[bold]{s.checkins_per_s:.1f}[/] check-ins/s · "
+            + (f"push-connected [green]{s.push_connected}[/] · " if self.fleet.push else "")
+            + f"[bold]{s.checkins_per_s:.1f}[/] check-ins/s · "
             f"commands done [bold]{s.commands_done}[/] · "
             f"errors [{'red' if s.errors else 'dim'}]{s.errors}[/]"
         )
@@ -176,11 +177,20 @@ async def _sim_main(
     concurrency: int,
     change_rate: float,
     state_file: Path | None,
+    push: bool = True,
 ) -> int:
     from custos.agent.identity import EnrollError
-    from custos.sim.fleet import FleetError, SimFleet
+    from custos.sim.fleet import FleetError, SimFleet, raise_fd_limit
 
     err = _console()
+    if push:
+        # one socket per device, plus the check-in pool and some slack
+        limit = raise_fd_limit()
+        if limit < devices + concurrency + 64:
+            err.print(
+                f"[yellow]warning:[/] the open-file limit is {limit}: not every one of "
+                f"{devices} devices can hold a push connection (raise `ulimit -n`)"
+            )
     stop = asyncio.Event()
     _install_signals(stop)
     if duration is not None:
@@ -194,6 +204,7 @@ async def _sim_main(
         interval=interval,
         concurrency=concurrency,
         inventory_change_rate=change_rate,
+        push=push,
     )
     status = _StatusLine(err, fleet, "custos sim")
     shown = asyncio.create_task(status.show(stop))
@@ -522,7 +533,9 @@ async def _demo_with_server(
 
     from custos.agent.client import pinned_context
     from custos.agent.identity import ca_fingerprint, fetch_pinned_ca
-    from custos.sim.fleet import FleetError, SimFleet
+    from custos.sim.fleet import FleetError, SimFleet, raise_fd_limit
+
+    raise_fd_limit()  # a push socket per simulated device
 
     def server_failed(what: str) -> int:
         err.print(f"[bold red]error:[/] [red]{what}[/]")
@@ -555,7 +568,13 @@ async def _demo_with_server(
     _save_state(data_dir, state)
 
     fleet = SimFleet(
-        url, token, count=devices, ca_fingerprint=fingerprint, seed=DEMO_SEED, interval=interval
+        url,
+        token,
+        count=devices,
+        ca_fingerprint=fingerprint,
+        seed=DEMO_SEED,
+        interval=interval,
+        push=True,  # commands sent from the tour reach the fleet at once
     )
     fleet_file = data_dir / FLEET_FILE
     try:
@@ -652,6 +671,12 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--state-file", help="keep the devices' identities here and reuse them"),
         ] = None,
+        no_push: Annotated[
+            bool,
+            typer.Option(
+                "--no-push", help="no push connections: devices only check in at their interval"
+            ),
+        ] = False,
     ) -> None:
         """Run simulated devices that enrol and check in like real agents (nothing is executed)."""
         _run(
@@ -666,6 +691,7 @@ def register(app: typer.Typer) -> None:
                 concurrency=concurrency,
                 change_rate=change_rate,
                 state_file=state_file,
+                push=not no_push,
             )
         )
 

@@ -7,6 +7,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -24,7 +25,7 @@ from custos.commands.schemas import (
     UploadState,
 )
 from custos.db.base import new_id, utcnow
-from custos.db.engine import Database
+from custos.db.engine import Database, UnitOfWork
 from custos.devices.models import Device
 from custos.devices.service import resolve_target
 from custos.errors import Conflict, Invalid, NotFound, TooLarge
@@ -90,7 +91,61 @@ class CommandService:
             if req.not_before is None or req.not_before <= now:
                 # woken only once the runs are committed, or a quick agent would find nothing
                 uow.after_commit(lambda: self.push.nudge(device_ids))
+            else:
+                # every process's work index learns when these runs become due
+                due_at = req.not_before.timestamp()
+                uow.after_commit(lambda: self.push.announce("later", device_ids, due_at))
         return await self.show(command_id)
+
+    async def queue(
+        self,
+        uow: UnitOfWork,
+        *,
+        kind: str,
+        payload: dict[str, Any],
+        target: str,
+        device_ids: Sequence[str],
+        created_by: str,
+    ) -> str:
+        """Queue one command, due now, with a run per device inside the caller's transaction.
+
+        Used by other services (scheduled tasks deliver their definitions this way); like
+        create(), the devices are nudged only after the commit.
+        """
+        s = uow.session
+        now = utcnow()
+        cmd = Command(
+            id=new_id(),
+            kind=kind,
+            payload=payload,
+            target=target,
+            created_by=created_by,
+            created_at=now,
+        )
+        s.add(cmd)
+        await s.flush()
+        ids = list(device_ids)
+        if ids:
+            await s.execute(
+                insert(CommandRun),
+                [
+                    {
+                        "id": new_id(),
+                        "command_id": cmd.id,
+                        "device_id": d,
+                        "state": "queued",
+                        "deliveries": 0,
+                        "created_at": now,
+                        "stdout": "",
+                        "stderr": "",
+                        "truncated": False,
+                        "result": {},
+                    }
+                    for d in ids
+                ],
+            )
+            uow.after_commit(lambda: self.push.nudge(ids))
+        return cmd.id
 
     async def list_commands(self, *, limit: int, offset: int) -> list[CommandOut]:
         """Commands, newest first, with run counts by state (two queries)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import os
 import secrets
@@ -106,6 +107,21 @@ class CertificateAuthority:
             serialization.PrivateFormat.PKCS8,
             serialization.BestAvailableEncryption(passphrase),
         ).decode()
+
+    def derive_secret(self, label: str) -> bytes:
+        """A 32-byte secret for `label`, the same in every process that holds this CA.
+
+        Derived from the CA private key (HMAC-SHA256 over its DER encoding), so it needs no
+        storage of its own and changes when the CA does.
+        """
+        der = self._key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return hmac.new(
+            der, b"custos-derived-secret-v1\n" + label.encode(), hashlib.sha256
+        ).digest()
 
     @classmethod
     def load(cls, cert_pem: str, encrypted_key_pem: str, passphrase: bytes) -> CertificateAuthority:

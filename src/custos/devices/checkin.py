@@ -8,84 +8,118 @@ from datetime import datetime
 
 from sqlalchemy import bindparam, or_, select, update
 
+from custos.commands.index import WorkIndex
 from custos.commands.models import Command, CommandRun
 from custos.commands.service import PENDING, CommandService
 from custos.db.base import utcnow
 from custos.db.engine import Database
-from custos.devices.identity import DeviceAuth, ensure_active
+from custos.devices.identity import DeviceAuth
 from custos.devices.models import Device
 from custos.devices.schemas import CheckinRequest, CheckinResponse
 from custos.devices.service import apply_inventory
 from custos.errors import Unauthorized
+from custos.push.schemas import PushDescriptor
+from custos.tasks.service import record_task_results
 
 log = logging.getLogger(__name__)
 
 
 class DeviceCheckin:
-    """Takes results and inventory, hands out work; last-seen is batched, not written each time."""
+    """Takes results and inventory, hands out work; last-seen is batched, not written each time.
+
+    An empty check-in from a device with nothing due touches no database at all: the
+    caller has checked the device's status against the authenticator's cache, and the
+    work index says whether anything may be waiting. Only while the index is not trusted
+    (starting, or hub events possibly missed) does it cost one EXISTS query.
+    """
 
     def __init__(
-        self, db: Database, commands: CommandService, *, interval: int, max_commands: int
+        self,
+        db: Database,
+        commands: CommandService,
+        work: WorkIndex,
+        *,
+        interval: int,
+        max_commands: int,
+        push: PushDescriptor | None = None,
     ) -> None:
         self.db = db
         self.commands = commands
+        self.work = work
         self.interval = interval
         self.max_commands = max_commands
+        self.push = push  # the same for every device: where to listen for nudges
         self._seen: dict[str, tuple[datetime, float, str]] = {}
-        pending = (
+        self._pending_stmt = (
             select(CommandRun.id)
             .join(Command, Command.id == CommandRun.command_id)
             # two equalities rather than IN: an expanding IN is re-rendered on every execution
             .where(
-                CommandRun.device_id == Device.id,
+                CommandRun.device_id == bindparam("device_id"),
                 or_(*(CommandRun.state == s for s in PENDING)),
                 or_(Command.not_before.is_(None), Command.not_before <= bindparam("now")),
             )
-            .exists()
+            .limit(1)
         )
-        self._status_stmt = select(Device.status, pending).where(
-            Device.id == bindparam("device_id")
+        self._empty_head = (
+            b'{"commands":[],"accepted_results":[],"inventory_version":-1,'
+            b'"inventory_resync":false,"checkin_interval":%d,"server_time":' % interval
+        )
+        self._empty_tail = (
+            b"}" if push is None else b',"push":' + push.model_dump_json().encode() + b"}"
         )
 
-    async def checkin(self, auth: DeviceAuth, req: CheckinRequest) -> CheckinResponse:
-        """Record what the device sent and return its pending work, in one transaction."""
-        # one query tells whether the device is still active and whether work waits for it
-        row = await self.db.fetch_one(
-            self._status_stmt, {"device_id": auth.device_id, "now": utcnow()}
-        )
-        status, waiting = (row[0], bool(row[1])) if row is not None else (None, False)
-        ensure_active(status)
-        self._seen[auth.device_id] = (utcnow(), round(auth.skew_s, 1), req.agent_version)
-        if not (waiting or req.results or req.acks or req.inventory is not None):
-            # the common case: nothing to record and nothing waiting: no transaction at all
-            return CheckinResponse(
-                commands=[],
-                accepted_results=[],
-                inventory_version=-1,
-                inventory_resync=False,
-                checkin_interval=self.interval,
-                server_time=time.time(),
-            )
+    def empty_response(self) -> bytes:
+        """The JSON of a check-in that hands out nothing (built without pydantic)."""
+        return self._empty_head + repr(time.time()).encode() + self._empty_tail
+
+    async def _may_have_work(self, device_id: str) -> bool:
+        if self.work.trusted:
+            return self.work.may_have_work(device_id)
+        row = await self.db.fetch_one(self._pending_stmt, {"device_id": device_id, "now": utcnow()})
+        return row is not None
+
+    async def checkin(self, auth: DeviceAuth, req: CheckinRequest) -> bytes:
+        """Record what the device sent and return its pending work (JSON), in one transaction.
+
+        The caller has verified that the device is active.
+        """
+        device_id = auth.device_id
+        self._seen[device_id] = (utcnow(), round(auth.skew_s, 1), req.agent_version)
+        busy = bool(req.results or req.task_results or req.acks or req.inventory is not None)
+        if not busy and not await self._may_have_work(device_id):
+            # the common case: nothing to record and nothing waiting
+            return self.empty_response()
+        generation = self.work.generation(device_id)
         resync = False
         version: int | None = None
         async with self.db.transaction() as uow:
             s = uow.session
-            accepted = await self.commands.record_results(s, auth.device_id, req.results)
-            await self.commands.acknowledge(s, auth.device_id, req.acks)
+            accepted = await self.commands.record_results(s, device_id, req.results)
+            accepted_tasks = await record_task_results(s, device_id, req.task_results)
+            await self.commands.acknowledge(s, device_id, req.acks)
             if req.inventory is not None:
-                device = await s.get(Device, auth.device_id, with_for_update=True)
+                device = await s.get(Device, device_id, with_for_update=True)
                 if device is None:
                     raise Unauthorized("unknown device", code="unknown_device")
                 resync = not await apply_inventory(s, device, req.inventory)
                 version = device.inventory_version
-            work = await self.commands.take_pending(s, auth.device_id, self.max_commands)
-        return CheckinResponse(
-            commands=work,
-            accepted_results=accepted,
-            inventory_version=version if version is not None else -1,
-            inventory_resync=resync,
-            checkin_interval=self.interval,
-            server_time=time.time(),
+            work = await self.commands.take_pending(s, device_id, self.max_commands)
+        # runs handed out stay pending until acknowledged, so only an empty take drains
+        self.work.settle(device_id, generation, drained=not work)
+        return (
+            CheckinResponse(
+                commands=work,
+                accepted_results=accepted,
+                accepted_task_results=accepted_tasks,
+                inventory_version=version if version is not None else -1,
+                inventory_resync=resync,
+                checkin_interval=self.interval,
+                server_time=time.time(),
+                push=self.push,
+            )
+            .model_dump_json()
+            .encode()
         )
 
     async def flush_last_seen(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,32 +62,70 @@ class DeviceAuth:
 
 
 class DeviceAuthenticator:
-    """Verifies signed device requests.
+    """Verifies device requests: Ed25519-signed, or HMAC-signed with a session key.
 
-    A device's public key never changes, so keys are cached for the life of the process.
-    Its status does change (retirement), so it is read fresh: by `verify` for most requests,
-    and by the check-in's own single query (which asks for it together with pending work).
+    A device's public key never changes; its status does (retirement). Both are cached
+    for the life of the process; a status change reaches every process as a hub "status"
+    event (`forget`), and `refresh_statuses` re-reads every non-active device as a safety
+    net (at start, when hub events may have been missed, and at a slow interval).
+
+    Session keys are derived from a server secret and the session token itself, so any
+    process verifies them without storage; see docs/agent-protocol.md.
     """
 
-    MAX_CACHED_KEYS = 1_000_000
+    MAX_CACHED = 1_000_000
 
-    def __init__(self, db: Database, *, skew_s: int) -> None:
+    def __init__(
+        self, db: Database, *, skew_s: int, session_secret: bytes, session_ttl_s: int
+    ) -> None:
         self.db = db
         self.skew_s = skew_s
-        self._keys: dict[str, bytes] = {}
-        self._key_stmt = select(Device.public_key).where(Device.id == bindparam("device_id"))
-        self._status_stmt = select(Device.status).where(Device.id == bindparam("device_id"))
+        self.session_ttl_s = session_ttl_s
+        self._secret = session_secret
+        self._cache: dict[str, tuple[bytes, str]] = {}  # device id -> (public key, status)
+        self._stmt = select(Device.public_key, Device.status).where(
+            Device.id == bindparam("device_id")
+        )
+        self._inactive_stmt = select(Device.id, Device.status).where(Device.status != "active")
 
-    async def _public_key(self, device_id: str) -> bytes | None:
-        key = self._keys.get(device_id)
-        if key is None:
-            key = await self.db.scalar(self._key_stmt, {"device_id": device_id})
-            if key is None:
+    async def _entry(self, device_id: str) -> tuple[bytes, str] | None:
+        entry = self._cache.get(device_id)
+        if entry is None:
+            row = await self.db.fetch_one(self._stmt, {"device_id": device_id})
+            if row is None:
                 return None
-            if len(self._keys) >= self.MAX_CACHED_KEYS:
-                self._keys.clear()
-            self._keys[device_id] = key
-        return key
+            if len(self._cache) >= self.MAX_CACHED:
+                self._cache.clear()
+            entry = self._cache[device_id] = (bytes(row[0]), row[1])
+        return entry
+
+    async def status(self, device_id: str) -> str | None:
+        """The device's status (cached), None for an unknown device."""
+        entry = await self._entry(device_id)
+        return entry[1] if entry is not None else None
+
+    def forget(self, device_ids: tuple[str, ...] | list[str]) -> None:
+        """Drop cached statuses (their device changed status in some process)."""
+        for d in device_ids:
+            self._cache.pop(d, None)
+
+    async def refresh_statuses(self) -> int:
+        """Re-read the status of every non-active device that is cached; returns how many."""
+        async with self.db.read() as s:
+            rows = (await s.execute(self._inactive_stmt)).all()
+        changed = 0
+        for device_id, status in rows:
+            entry = self._cache.get(device_id)
+            if entry is not None and entry[1] != status:
+                self._cache[device_id] = (entry[0], status)
+                changed += 1
+        return changed
+
+    def open_session(self, device_id: str, now: float | None = None) -> tuple[str, bytes, int]:
+        """A new session for an authenticated device: (token, key, expiry epoch)."""
+        expires = int((time.time() if now is None else now) + self.session_ttl_s)
+        token = f"{device_id}.{expires}.{secrets.token_urlsafe(9)}"
+        return token, protocol.session_key(self._secret, token), expires
 
     async def verify(
         self,
@@ -96,6 +135,7 @@ class DeviceAuthenticator:
         body: bytes,
         *,
         check_status: bool = True,
+        allow_session: bool = True,
     ) -> DeviceAuth:
         """The device behind a signed request, or Unauthorized with the reason.
 
@@ -117,15 +157,38 @@ class DeviceAuthenticator:
                 f"device clock is {skew:+.0f}s off the server's (limit {self.skew_s}s)",
                 code="clock_skew",
             )
-        key = await self._public_key(device_id)
-        if key is None:
-            raise Unauthorized("unknown device", code="unknown_device")
-        if not protocol.verify_signature(key, sig, method, path_qs, ts, device_id, body):
-            raise Unauthorized("device signature does not verify", code="bad_signature")
+        token = headers.get(protocol.H_SESSION)
+        if token is not None and allow_session:
+            key = self._session_key(token, device_id)
+            entry = await self._entry(device_id)
+            if entry is None:
+                raise Unauthorized("unknown device", code="unknown_device")
+            if not protocol.verify_session_mac(key, sig, method, path_qs, ts, device_id, body):
+                raise Unauthorized("session signature does not verify", code="bad_session")
+        else:
+            entry = await self._entry(device_id)
+            if entry is None:
+                raise Unauthorized("unknown device", code="unknown_device")
+            if not protocol.verify_signature(entry[0], sig, method, path_qs, ts, device_id, body):
+                raise Unauthorized("device signature does not verify", code="bad_signature")
         if check_status:
-            status = await self.db.scalar(self._status_stmt, {"device_id": device_id})
-            ensure_active(status)
+            ensure_active(entry[1])
         return DeviceAuth(device_id=device_id, skew_s=skew)
+
+    def _session_key(self, token: str, device_id: str) -> bytes:
+        if len(token) > protocol.MAX_TOKEN_LEN:
+            raise Unauthorized("malformed session token", code="bad_session")
+        owner, _, rest = token.partition(".")
+        expiry, _, nonce = rest.partition(".")
+        if owner != device_id or not nonce:
+            raise Unauthorized("the session token is not this device's", code="bad_session")
+        try:
+            expires = int(expiry)
+        except ValueError:
+            raise Unauthorized("malformed session token", code="bad_session") from None
+        if expires <= time.time():
+            raise Unauthorized("the session has expired", code="session_expired")
+        return protocol.session_key(self._secret, token)
 
 
 def ensure_active(status: str | None) -> None:

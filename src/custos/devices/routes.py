@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 
@@ -18,6 +20,7 @@ from custos.devices.schemas import (
     GroupMembers,
     GroupOut,
     InventoryChangeOut,
+    SessionOut,
     TokenCreate,
     TokenCreated,
     TokenOut,
@@ -162,7 +165,17 @@ async def enroll(body: EnrollRequest, svc: Services = Depends(services)) -> Enro
 async def checkin(request: Request) -> Response:
     """One signed check-in: results and inventory in, work out."""
     svc: Services = request.app.state.services
-    # the check-in's own query checks the device's status (with its pending work)
-    auth, raw = await signed_device(request, check_status=False)
-    resp = await svc.checkin.checkin(auth, parse_body(CheckinRequest, raw))
-    return Response(resp.model_dump_json(), media_type="application/json")
+    auth, raw = await signed_device(request)
+    body = await svc.checkin.checkin(auth, parse_body(CheckinRequest, raw))
+    return Response(body, media_type="application/json")
+
+
+@device_router.post("/session", response_model=SessionOut)
+async def open_session(request: Request) -> SessionOut:
+    """Trade one Ed25519-signed request for a session key that signs later requests (HMAC)."""
+    svc: Services = request.app.state.services
+    auth, _ = await signed_device(request, allow_session=False)
+    token, key, expires = svc.authenticator.open_session(auth.device_id)
+    return SessionOut(
+        token=token, key=protocol.encode_key(key), expires_at=expires, server_time=time.time()
+    )

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from custos.commands.schemas import DeliveredCommand, RunResult
+from custos.push.schemas import PushDescriptor
+from custos.tasks.schemas import TaskResult, TaskResultRef
 from custos.validation import ReportedStr, SafeStr, clean_text
 
 INV_MAX_KEYS = 50_000
@@ -119,6 +121,8 @@ class CheckinRequest(Strict):
     acks: list[Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]] = Field(
         default_factory=list, max_length=500
     )
+    # occurrences of scheduled tasks, oldest first (see tasks/; outbox order, per-task seq)
+    task_results: list[TaskResult] = Field(default_factory=list, max_length=200)
 
 
 class CheckinResponse(BaseModel):
@@ -129,6 +133,18 @@ class CheckinResponse(BaseModel):
     inventory_version: int
     inventory_resync: bool
     checkin_interval: int
+    server_time: float
+    accepted_task_results: list[TaskResultRef] = Field(default_factory=list)
+    # where to listen for wake nudges; absent or null: the server's WebSocket
+    push: PushDescriptor | None = None
+
+
+class SessionOut(BaseModel):
+    """A session key for HMAC-signed device requests (see docs/agent-protocol.md)."""
+
+    token: str
+    key: str
+    expires_at: int
     server_time: float
 
 

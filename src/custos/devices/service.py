@@ -39,6 +39,7 @@ from custos.devices.schemas import (
     TokenOut,
 )
 from custos.errors import Conflict, Forbidden, Invalid, NotFound
+from custos.push.hub import PushHub
 
 ENROLL_TOKEN_PREFIX = "cet_"  # noqa: S105 - a marker, not a secret
 
@@ -261,9 +262,10 @@ def _device_out(d: Device) -> dict[str, Any]:
 class DeviceService:
     """Listing, showing, retiring and grouping devices; applying inventory deltas."""
 
-    def __init__(self, db: Database, authenticator: DeviceAuthenticator) -> None:
+    def __init__(self, db: Database, authenticator: DeviceAuthenticator, *, push: PushHub) -> None:
         self.db = db
         self.authenticator = authenticator
+        self.push = push
 
     async def list_devices(
         self, *, q: str | None, group: str | None, status: str | None, limit: int, offset: int
@@ -334,6 +336,9 @@ class DeviceService:
                     )
                     .values(state="cancelled", finished_at=utcnow())
                 )
+                retired = [d.id]
+                # every process drops its cached status and refuses the device from now on
+                uow.after_commit(lambda: self.push.announce("status", retired))
             device_id = d.id
         return await self.show(device_id)
 

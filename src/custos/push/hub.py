@@ -1,7 +1,15 @@
 """Wake-up nudges for connected devices: in-process, or across processes via PostgreSQL NOTIFY.
 
+(The MQTT backend, where agents subscribe to a broker instead, is in mqtt.py.)
+
 A nudge carries no work, only "check in now"; a lost nudge costs at most one check-in
 interval, so the backends favour simplicity over delivery guarantees.
+
+The same channel carries the events that keep every process's caches coherent (see
+`Event`): work queued for devices (now or at a later time) and device status changes.
+Listeners registered with `listen` see every event, the sender's own included; `coherent`
+says whether events can currently be trusted to arrive, and `on_resync` callbacks run when
+they may have been missed (the listening connection was re-established).
 """
 
 from __future__ import annotations
@@ -11,9 +19,11 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
+from custos.push.schemas import PushDescriptor
 from custos.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -23,6 +33,61 @@ CHANNEL = "custos_wake"
 MAX_PAYLOAD = 7900
 KEEPALIVE_S = 30.0
 MAX_BACKOFF_S = 30.0
+
+
+EventKind = Literal["work", "later", "status"]
+# wire prefixes of the event kinds in a NOTIFY payload; a bare id list is "work"
+_PREFIX: dict[str, str] = {"work": "w|", "later": "l|", "status": "s|"}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something every server process must hear about.
+
+    work: runs are due now for these devices (they are also woken);
+    later: runs become due at `at` (epoch seconds);
+    status: these devices' status changed (cached statuses are stale).
+    """
+
+    kind: EventKind
+    device_ids: tuple[str, ...]
+    at: float | None = None
+
+
+Listener = Callable[[Event], None]
+
+
+def encode_event(kind: EventKind, at: float | None) -> str:
+    """The payload prefix for one kind of event ("l|<epoch>|" carries its time)."""
+    if kind == "later":
+        return f"l|{at:.3f}|"
+    return _PREFIX[kind]
+
+
+def decode_event(payload: str) -> Event | None:
+    """The event in a NOTIFY payload, or None for a malformed one."""
+    kind: EventKind = "work"
+    at: float | None = None
+    body = payload
+    if payload[1:2] == "|":
+        tag = payload[0]
+        if tag == "w":
+            body = payload[2:]
+        elif tag == "s":
+            kind, body = "status", payload[2:]
+        elif tag == "l":
+            kind = "later"
+            stamp, sep, body = payload[2:].partition("|")
+            try:
+                at = float(stamp)
+            except ValueError:
+                return None
+            if not sep:
+                return None
+        else:
+            return None
+    ids = tuple(d for d in body.split(",") if d)
+    return Event(kind, ids, at) if ids else None
 
 
 class Subscription:
@@ -47,11 +112,30 @@ class PushHub(Protocol):
     def nudge(self, device_ids: Iterable[str]) -> None:
         """Wake these devices wherever they are connected; never blocks (after commit)."""
 
+    def announce(self, kind: EventKind, device_ids: Iterable[str], at: float | None = None) -> None:
+        """Tell every process (this one included) about an event; never blocks."""
+
+    def listen(self, listener: Listener) -> None:
+        """Call `listener` for every event, in the event loop."""
+
+    def on_resync(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever events may have been missed."""
+
+    @property
+    def coherent(self) -> bool:
+        """Whether events reach this process now (false while reconnecting)."""
+
+    def wake_local(self, device_ids: Iterable[str]) -> None:
+        """Wake this process's own subscribers of these devices."""
+
     def subscribe(self, device_id: str) -> Subscription:
         """Listen for one device's nudges in this process."""
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Stop listening."""
+
+    def descriptor(self) -> PushDescriptor | None:
+        """What check-in responses tell devices about the channel (None: the WebSocket)."""
 
 
 class _LocalSubscribers:
@@ -59,6 +143,32 @@ class _LocalSubscribers:
 
     def __init__(self) -> None:
         self._subs: dict[str, set[Subscription]] = {}
+        self._listeners: list[Listener] = []
+        self._resync: list[Callable[[], None]] = []
+
+    def listen(self, listener: Listener) -> None:
+        """Call `listener` for every event."""
+        self._listeners.append(listener)
+
+    def on_resync(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever events may have been missed."""
+        self._resync.append(callback)
+
+    def _dispatch(self, event: Event) -> None:
+        if event.kind == "work":
+            self.wake_local(event.device_ids)
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("push: event listener failed")
+
+    def _resynced(self) -> None:
+        for callback in self._resync:
+            try:
+                callback()
+            except Exception:
+                log.exception("push: resync callback failed")
 
     def subscribe(self, device_id: str) -> Subscription:
         """Listen for one device's nudges in this process."""
@@ -74,12 +184,17 @@ class _LocalSubscribers:
             if not subs:
                 del self._subs[sub.device_id]
 
+    def descriptor(self) -> PushDescriptor | None:
+        """None: devices use this server's WebSocket (the default when the field is absent)."""
+        return None
+
     @property
     def connected(self) -> int:
         """How many subscriptions this process holds."""
         return sum(len(s) for s in self._subs.values())
 
-    def _wake_local(self, device_ids: Iterable[str]) -> None:
+    def wake_local(self, device_ids: Iterable[str]) -> None:
+        """Wake this process's own subscribers of these devices."""
         for d in device_ids:
             for sub in self._subs.get(d, ()):
                 sub.event.set()
@@ -99,9 +214,20 @@ class MemoryPush(_LocalSubscribers):
     async def stop(self) -> None:
         """Nothing to close."""
 
+    @property
+    def coherent(self) -> bool:
+        """Always: there is no other process to hear from."""
+        return True
+
     def nudge(self, device_ids: Iterable[str]) -> None:
         """Wake the local subscribers of these devices."""
-        self._wake_local(device_ids)
+        self.announce("work", device_ids)
+
+    def announce(self, kind: EventKind, device_ids: Iterable[str], at: float | None = None) -> None:
+        """Deliver the event to this process's listeners at once."""
+        ids = tuple(device_ids)
+        if ids:
+            self._dispatch(Event(kind, ids, at))
 
 
 def payloads(device_ids: Iterable[str], limit: int = MAX_PAYLOAD) -> Iterator[str]:
@@ -141,12 +267,13 @@ class PostgresNotifyPush(_LocalSubscribers):
         self.dsn = dsn
         self.keepalive_s = keepalive_s
         self.start_wait_s = start_wait_s
-        self._pending: set[str] = set()
+        self._pending: dict[str, set[str]] = {}  # payload prefix -> device ids
         self._kick = asyncio.Event()
         self._up = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._conn: Any = None
+        self._own_pid = -1  # the server backend of our connection: its NOTIFYs are our own
         self.connects = 0
 
     async def start(self) -> None:
@@ -171,15 +298,33 @@ class PostgresNotifyPush(_LocalSubscribers):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    @property
+    def coherent(self) -> bool:
+        """Whether the LISTEN connection is up (events sent meanwhile are lost otherwise)."""
+        return self._up.is_set()
+
     def nudge(self, device_ids: Iterable[str]) -> None:
         """Queue a NOTIFY for these devices; the connection task sends it."""
-        before = len(self._pending)
-        self._pending.update(device_ids)
-        if len(self._pending) != before:
-            self._kick.set()
+        self.announce("work", device_ids)
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        self._wake_local(payload.split(","))
+    def announce(self, kind: EventKind, device_ids: Iterable[str], at: float | None = None) -> None:
+        """Dispatch the event here at once, and queue a NOTIFY for the other processes."""
+        ids = tuple(device_ids)
+        if not ids:
+            return
+        # this process must not wait for its own notification to come back: a device
+        # checking in here right after the commit would find its work index stale
+        self._dispatch(Event(kind, ids, at))
+        prefix = encode_event(kind, at)
+        self._pending.setdefault(prefix, set()).update(ids)
+        self._kick.set()
+
+    def _on_notify(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
+        if pid == self._own_pid:
+            return  # sent by this process, which dispatched it already
+        event = decode_event(payload)
+        if event is not None:
+            self._dispatch(event)
 
     async def _run(self) -> None:
         import asyncpg
@@ -196,6 +341,7 @@ class PostgresNotifyPush(_LocalSubscribers):
                     await asyncio.wait_for(self._wait_stopping(), delay)
                 continue
             self._conn = conn
+            self._own_pid = conn.get_server_pid()
             conn.add_termination_listener(lambda _c: self._kick.set())
             opened = time.monotonic()
             try:
@@ -206,6 +352,7 @@ class PostgresNotifyPush(_LocalSubscribers):
                     log.info("push: LISTEN connection re-established; waking local devices")
                 # nudges from other processes may have been missed while we were not listening
                 self._wake_all()
+                self._resynced()
                 await self._serve(conn)
             except Exception as exc:
                 if not self._stopping:
@@ -242,19 +389,32 @@ class PostgresNotifyPush(_LocalSubscribers):
             self._kick.clear()
             if self._stopping or conn.is_closed():
                 return
-            ids, self._pending = self._pending, set()
+            batch, self._pending = self._pending, {}
             try:
-                for payload in payloads(sorted(ids)):
-                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload, timeout=10)
+                for prefix, ids in batch.items():
+                    for body in payloads(sorted(ids), MAX_PAYLOAD - len(prefix)):
+                        await conn.execute(
+                            "SELECT pg_notify($1, $2)", CHANNEL, prefix + body, timeout=10
+                        )
             except BaseException:
-                # sent again on the next connection (extra nudges are harmless)
-                self._pending |= ids
+                # sent again on the next connection (extra events are harmless)
+                for prefix, ids in batch.items():
+                    self._pending.setdefault(prefix, set()).update(ids)
                 raise
 
 
 def build_push(settings: Settings) -> PushHub:
-    """The backend chosen by `push_backend` (auto: NOTIFY on PostgreSQL, else in-process)."""
+    """The backend chosen by `push_backend` (auto: NOTIFY on PostgreSQL, else in-process).
+
+    mqtt: devices are woken through a broker, around the auto choice (mqtt.py).
+    """
     backend = settings.push_backend
+    if backend == "mqtt":
+        # devices hear the broker; the processes still share events the database's way
+        from custos.push.mqtt import MqttPush
+
+        inner = build_push(settings.model_copy(update={"push_backend": "auto"}))
+        return MqttPush.from_settings(settings, inner)
     if backend == "auto":
         backend = "memory" if settings.is_sqlite else "postgres"
     if backend == "postgres":

@@ -22,6 +22,7 @@ from custos.server.container import Services
 from custos.server.http import RequestGuard, install_error_handlers
 from custos.server.jobs import JobRunner
 from custos.settings import Settings
+from custos.tasks import routes as task_routes
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,10 @@ def create_app(settings: Settings) -> FastAPI:
         jobs = JobRunner()
         jobs.every(settings.last_seen_flush_s, "flush-last-seen", svc.checkin.flush_last_seen)
         jobs.every(30, "expire-commands", svc.commands.expire_overdue)
+        jobs.every(1, "wake-deferred-work", svc.work.tick)
+        jobs.every(settings.cache_resync_s, "resync-caches", svc.resync_caches)
         await push.start()
+        await svc.resync_caches()
         jobs.start()
         try:
             yield
@@ -81,6 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
         device_routes.device_router,
         command_routes.admin_router,
         command_routes.device_router,
+        task_routes.admin_router,
         push_routes.device_router,
     ):
         app.include_router(r)

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from custos.accounts.service import AccountService
+from custos.commands.index import WorkIndex
 from custos.commands.service import CommandService
 from custos.db.engine import Database
 from custos.devices.ca import CertificateAuthority
 from custos.devices.checkin import DeviceCheckin
 from custos.devices.identity import DeviceAuthenticator
 from custos.devices.service import DeviceService, EnrollmentService
-from custos.push.hub import PushHub
+from custos.push.hub import Event, PushHub
 from custos.settings import Settings
+from custos.tasks.service import TaskService
+
+log = logging.getLogger(__name__)
+_background_tasks: set[asyncio.Task[object]] = set()
+
+
+def _background(coro: Coroutine[Any, Any, object], name: str) -> None:
+    async def run() -> None:
+        try:
+            await coro
+        except Exception:
+            log.exception("%s failed", name)
+
+    task = asyncio.get_running_loop().create_task(run(), name=name)
+    _background_tasks.add(task)
+    task.add_done_callback(_background_tasks.discard)
 
 
 @dataclass
@@ -29,13 +50,29 @@ class Services:
     commands: CommandService
     checkin: DeviceCheckin
     push: PushHub
+    work: WorkIndex
+    tasks: TaskService
 
     @classmethod
     def build(
         cls, settings: Settings, db: Database, ca: CertificateAuthority, push: PushHub
     ) -> Services:
         """Wire the services together (the push hub is started by the caller)."""
-        auth = DeviceAuthenticator(db, skew_s=settings.signature_skew_s)
+        auth = DeviceAuthenticator(
+            db,
+            skew_s=settings.signature_skew_s,
+            session_secret=ca.derive_secret("device-sessions"),
+            session_ttl_s=settings.session_ttl_s,
+        )
+
+        def on_event(event: Event) -> None:
+            if event.kind == "status":
+                auth.forget(event.device_ids)
+
+        push.listen(on_event)
+        # events may have been missed: statuses are re-read (the work index reloads itself)
+        push.on_resync(lambda: _background(auth.refresh_statuses(), "refresh-statuses"))
+        work = WorkIndex(db, push)
         commands = CommandService(
             db, settings.data_dir / "uploads", settings.max_output_bytes, push=push
         )
@@ -46,13 +83,22 @@ class Services:
             authenticator=auth,
             accounts=AccountService(db, settings.api_token_ttl_s),
             enrollment=EnrollmentService(db, ca, settings.checkin_interval_s),
-            devices=DeviceService(db, auth),
+            devices=DeviceService(db, auth, push=push),
             commands=commands,
             checkin=DeviceCheckin(
                 db,
                 commands,
+                work,
                 interval=settings.checkin_interval_s,
                 max_commands=settings.max_commands_per_checkin,
+                push=push.descriptor(),
             ),
             push=push,
+            work=work,
+            tasks=TaskService(db, commands),
         )
+
+    async def resync_caches(self) -> None:
+        """Rebuild the work index and re-read non-active statuses (start, then periodically)."""
+        await self.work.load()
+        await self.authenticator.refresh_statuses()

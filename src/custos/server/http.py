@@ -190,7 +190,9 @@ async def admin(request: Request) -> Principal:
     return await svc.accounts.authenticate(token.strip())
 
 
-async def signed_device(request: Request, *, check_status: bool = True) -> tuple[DeviceAuth, bytes]:
+async def signed_device(
+    request: Request, *, check_status: bool = True, allow_session: bool = True
+) -> tuple[DeviceAuth, bytes]:
     """The device that signed this request, and the raw body it signed."""
     body = await request.body()
     raw_path = request.scope.get("raw_path") or request.url.path.encode()
@@ -198,6 +200,11 @@ async def signed_device(request: Request, *, check_status: bool = True) -> tuple
     path_qs = raw_path.decode("latin-1") + (("?" + qs.decode("latin-1")) if qs else "")
     svc: Services = request.app.state.services
     auth = await svc.authenticator.verify(
-        request.method, path_qs, request.headers, body, check_status=check_status
+        request.method,
+        path_qs,
+        request.headers,
+        body,
+        check_status=check_status,
+        allow_session=allow_session,
     )
     return auth, body

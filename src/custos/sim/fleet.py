@@ -1,7 +1,9 @@
 """Simulated devices that enrol and check in over the real agent protocol, thousands per process.
 
 Every device has its own Ed25519 key and signs its requests exactly as the agent does; all of
-them share one pooled HTTP client. Commands are executed in simulation only: nothing is run.
+them share one pooled HTTP client. With push on, every device also holds its own WebSocket
+(the `websockets` asyncio client, as the agent uses) and checks in at once when woken.
+Commands are executed in simulation only: nothing is run.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import itertools
 import logging
 import os
 import random
+import resource
+import ssl
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +37,7 @@ from custos import __version__, protocol
 from custos.agent.client import pinned_context
 from custos.agent.identity import ca_fingerprint, fetch_pinned_ca
 from custos.agent.inventory import FACT_KEYS, inventory_delta
+from custos.agent.push import PUSH_PATH, STABLE_S, backoff_delay, push_url
 from custos.sim.inventory import fake_inventory, mutate_inventory
 
 log = logging.getLogger("custos.sim")
@@ -44,6 +49,30 @@ ENROLL_ATTEMPTS = 5
 FOLLOW_UPS = 5  # immediate extra check-ins to report results, per cycle
 STOP_GRACE_S = 3.0  # how long in-flight check-ins may finish after stop
 NO_FILE_SYSTEM = "simulated device: no file system"
+PUSH_REFUSED_PAUSE_S = 600.0  # like the agent: a refused push socket is not retried soon
+# what the server sends to wake a device (the agent parses JSON; a byte compare is enough here)
+WAKE_MESSAGES = frozenset({'{"type":"wake"}', '{"type": "wake"}'})
+
+# called after every successful check-in: (device, request payload, response, seconds)
+CheckinObserver = Callable[["SimDevice", dict[str, Any], dict[str, Any], float], None]
+
+
+def raise_fd_limit(want: int | None = None) -> int:
+    """Raise this process's open-file limit towards the hard limit; returns the new soft limit.
+
+    Every push connection is a socket: 10,000 devices need more than the usual 1,024.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if want is None else want
+    if hard != resource.RLIM_INFINITY:
+        target = min(target, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft
+        return target
+    return soft
 
 
 class FleetError(Exception):
@@ -71,11 +100,16 @@ class FleetStats:
     errors: int
     refused: int
     last_error: str = ""
+    push_connected: int = 0
+    push_connects: int = 0
+    push_failures: int = 0
+    wakes: int = 0
 
     def summary(self) -> str:
-        """One line: enrolled x/N, active, check-ins/s, commands, errors, refused."""
+        """One line: enrolled x/N, active, push-connected, check-ins/s, commands, errors."""
         return (
             f"enrolled {self.enrolled}/{self.devices} · active {self.active} · "
+            f"push-connected {self.push_connected} · "
             f"{self.checkins_per_s:.1f} check-ins/s ({self.checkins} total) · "
             f"{self.commands_done} commands done · {self.errors} errors · "
             f"{self.refused} refused"
@@ -126,6 +160,7 @@ class SimDevice:
     __slots__ = (
         "_inv",
         "acks",
+        "busy",
         "device_id",
         "done",
         "failures",
@@ -137,8 +172,11 @@ class SimDevice:
         "ok",
         "pending_remove",
         "pending_set",
+        "push_up",
         "refused",
         "results",
+        "rewake",
+        "sched",
         "seed",
     )
 
@@ -159,6 +197,10 @@ class SimDevice:
         self.ok = False
         self.refused = False
         self.failures = 0
+        self.push_up = False  # holds a push connection now
+        self.busy = False  # a check-in cycle is running
+        self.rewake = False  # woken during a cycle: one more cycle right after it
+        self.sched = 0  # the heap entry that is current (>0), or queued now (-1)
 
     @property
     def enrolled(self) -> bool:
@@ -227,6 +269,9 @@ class SimFleet:
         transport: httpx.AsyncBaseTransport | None = None,
         inventory_change_rate: float = 0.02,
         timeout: float = 30.0,
+        push: bool = False,
+        push_connect_concurrency: int = 256,
+        observer: CheckinObserver | None = None,
     ) -> None:
         if count < 0:
             raise ValueError("count must not be negative")
@@ -242,6 +287,10 @@ class SimFleet:
         self.transport = transport
         self.inventory_change_rate = inventory_change_rate
         self.timeout = timeout
+        self.push = push
+        # opening handshakes (TCP + TLS + upgrade) in flight at once; connections held: all
+        self.push_connect_concurrency = max(1, push_connect_concurrency)
+        self.observer = observer
         self._rng = random.Random(f"custos-sim-fleet:{seed}")  # noqa: S311 - jitter, fake data
         self._all: dict[int, SimDevice] = {}
         self._loaded_ca: str | None = None
@@ -252,6 +301,9 @@ class SimFleet:
         self._checkin_url = str(url)
         self._checkin_path = url.raw_path.decode("ascii")
         self._enroll_url = self.server_url + protocol.DEVICE_API + "/enroll"
+        self._push_url = push_url(self.server_url)
+        self._ssl: ssl.SSLContext | None = None
+        self._queue: asyncio.Queue[SimDevice | None] | None = None
         self._seq = itertools.count()
         self._enrolled = 0
         self._active = 0
@@ -261,6 +313,10 @@ class SimFleet:
         self._refused = 0
         self._last_error = ""
         self._rate = _Rate()
+        self._push_connected = 0
+        self._push_connects = 0
+        self._push_failures = 0
+        self._wakes = 0
 
     # --- devices and their persistence ---
 
@@ -325,6 +381,10 @@ class SimFleet:
             errors=self._errors,
             refused=self._refused,
             last_error=self._last_error,
+            push_connected=self._push_connected,
+            push_connects=self._push_connects,
+            push_failures=self._push_failures,
+            wakes=self._wakes,
         )
 
     def _error(self, message: str) -> None:
@@ -352,9 +412,16 @@ class SimFleet:
             headers={"user-agent": f"custos-sim/{__version__}"},
         )
 
-    async def enroll_all(self) -> int:
-        """Pin the CA, then enrol every device that has no identity yet; returns how many."""
-        ca_pem = await fetch_pinned_ca(self.server_url, self.ca_fingerprint, self.transport)
+    @property
+    def saved_ca_fingerprint(self) -> str | None:
+        """The CA fingerprint recorded in the fleet file that load() read (None: none read)."""
+        return self._loaded_ca
+
+    def use_ca(self, ca_pem: str) -> None:
+        """Trust only this CA from now on (enroll_all pins it from the server itself).
+
+        If the fleet's saved identities belong to another CA, they are forgotten.
+        """
         fingerprint = ca_fingerprint(ca_pem)
         if self._loaded_ca and self._loaded_ca != fingerprint:
             log.warning("sim: the server has another CA now; enrolling the fleet afresh")
@@ -363,6 +430,13 @@ class SimFleet:
         self._loaded_ca = fingerprint
         if self._http is None:
             self._http = self._client(ca_pem)
+        if self.server_url.startswith("https://"):
+            self._ssl = pinned_context(ca_pem)
+
+    async def enroll_all(self) -> int:
+        """Pin the CA, then enrol every device that has no identity yet; returns how many."""
+        ca_pem = await fetch_pinned_ca(self.server_url, self.ca_fingerprint, self.transport)
+        self.use_ca(ca_pem)
         todo = [d for d in self.devices if not d.enrolled]
         if not todo:
             return 0
@@ -432,30 +506,41 @@ class SimFleet:
         return dev.interval_override or self.interval or self._server_interval
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Check every enrolled device in at its interval (with jitter) until stop is set."""
+        """Check every enrolled device in at its interval (with jitter) until stop is set.
+
+        With push on, every device also holds its push connection, and a wake (or a
+        (re)connect) makes it check in at once.
+        """
         if self._http is None:
             raise FleetError("enroll_all() must run first")
         live = [d for d in self.devices if d.enrolled and not d.refused]
         now = time.monotonic()
         # the first check-ins are spread over one interval: no thundering herd
-        heap = [
-            (now + self._rng.uniform(0, self._interval_of(d)), next(self._seq), d) for d in live
-        ]
+        heap: list[tuple[float, int, SimDevice]] = []
+        for d in live:
+            d.sched = next(self._seq) + 1
+            heap.append((now + self._rng.uniform(0, self._interval_of(d)), d.sched, d))
         heapq.heapify(heap)
         queue: asyncio.Queue[SimDevice | None] = asyncio.Queue()
+        self._queue = queue
         workers = [
             asyncio.create_task(self._worker(queue, heap, stop))
             for _ in range(max(1, min(self.concurrency, len(live))))
         ]
+        pusher = asyncio.create_task(self.hold_push(stop, live)) if self.push else None
         waiter = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
                 now = time.monotonic()
                 while heap and heap[0][0] <= now:
-                    queue.put_nowait(heapq.heappop(heap)[2])
+                    _, seq, dev = heapq.heappop(heap)
+                    if dev.sched == seq:  # else: woken since, and rescheduled by that cycle
+                        dev.sched = -1
+                        queue.put_nowait(dev)
                 delay = min(0.25, heap[0][0] - now) if heap else 0.25
                 await asyncio.wait((waiter,), timeout=max(0.001, delay))
         finally:
+            self._queue = None
             waiter.cancel()
             for _ in workers:
                 queue.put_nowait(None)
@@ -463,6 +548,8 @@ class SimFleet:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            if pusher is not None:
+                await asyncio.gather(pusher, return_exceptions=True)
 
     async def _worker(
         self,
@@ -474,9 +561,112 @@ class SimFleet:
             dev = await queue.get()
             if dev is None or stop.is_set():
                 return
-            delay = await self._cycle(dev)
-            if delay is not None:
-                heapq.heappush(heap, (time.monotonic() + delay, next(self._seq), dev))
+            dev.busy = True
+            try:
+                delay = await self._cycle(dev)
+            finally:
+                dev.busy = False
+            if delay is None:
+                dev.sched = 0
+            elif dev.rewake:
+                dev.rewake = False
+                dev.sched = -1
+                queue.put_nowait(dev)
+            else:
+                dev.sched = next(self._seq) + 1
+                heapq.heappush(heap, (time.monotonic() + delay, dev.sched, dev))
+
+    def wake(self, dev: SimDevice) -> None:
+        """Check this device in as soon as a worker is free (what a push nudge does)."""
+        self._wakes += 1
+        queue = self._queue
+        if queue is None or dev.refused:
+            return  # not running (push held alone, e.g. to measure connections)
+        if dev.busy:
+            dev.rewake = True  # nudged during a check-in: the work may be newer than it
+        elif dev.sched != -1:  # not queued yet; its heap entry becomes stale
+            dev.sched = -1
+            queue.put_nowait(dev)
+
+    # --- push ---
+
+    async def hold_push(self, stop: asyncio.Event, devices: list[SimDevice] | None = None) -> None:
+        """Hold one push connection per enrolled device until stop is set (reconnecting)."""
+        if self._http is None:
+            raise FleetError("enroll_all() must run first")
+        pool = self.devices if devices is None else devices
+        todo = [d for d in pool if d.enrolled and not d.refused]
+        sem = asyncio.Semaphore(self.push_connect_concurrency)
+        tasks = [asyncio.create_task(self._push_loop(d, sem)) for d in todo]
+        try:
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _push_loop(self, dev: SimDevice, sem: asyncio.Semaphore) -> None:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidStatus, WebSocketException
+
+        failures = 0
+        while not dev.refused:
+            started = time.monotonic()
+            try:
+                async with sem:
+                    headers = await self.auth_headers(dev, "GET", PUSH_PATH, b"")
+                    ws = await connect(
+                        self._push_url,
+                        additional_headers=headers,
+                        user_agent_header=f"custos-sim/{__version__}",
+                        compression=None,
+                        proxy=None,
+                        # the server pings every 20 s and we answer; our own pings would cost a
+                        # task per connection, and a dead server shows as a closed socket
+                        ping_interval=None,
+                        open_timeout=self.timeout,
+                        close_timeout=2,
+                        max_size=4096,
+                        max_queue=4,
+                        ssl=self._ssl,
+                    )
+                started = time.monotonic()
+                async with ws:
+                    self._push_state(dev, True)
+                    self.wake(dev)  # nudges sent while we were away are lost: catch up
+                    async for msg in ws:
+                        if msg in WAKE_MESSAGES:
+                            self.wake(dev)
+            except asyncio.CancelledError:
+                raise
+            except InvalidStatus as exc:
+                self._push_failures += 1
+                resp = exc.response
+                if resp.status_code == 401 and b"clock_skew" in (resp.body or b""):
+                    server_time = resp.headers.get(protocol.H_SERVER_TIME)
+                    if server_time:
+                        self._clock_offset = float(server_time) - time.time()
+                elif resp.status_code in (401, 403):
+                    self._error(f"{dev.hostname}: push refused (HTTP {resp.status_code})")
+                    await asyncio.sleep(PUSH_REFUSED_PAUSE_S * self._rng.uniform(0.9, 1.1))
+                    continue
+                else:
+                    self._error(f"{dev.hostname}: push upgrade got HTTP {resp.status_code}")
+            except (OSError, TimeoutError, WebSocketException) as exc:
+                # refused while a server restarts, or the server closed the socket (1012)
+                self._push_failures += 1
+                log.debug("sim: %s push: %s: %s", dev.hostname, type(exc).__name__, exc)
+            finally:
+                self._push_state(dev, False)
+            failures = 1 if time.monotonic() - started >= STABLE_S else failures + 1
+            await asyncio.sleep(backoff_delay(failures))
+
+    def _push_state(self, dev: SimDevice, up: bool) -> None:
+        if dev.push_up != up:
+            dev.push_up = up
+            self._push_connected += 1 if up else -1
+            if up:
+                self._push_connects += 1
 
     async def checkin_once(self, dev: SimDevice) -> float | None:
         """One cycle for one device (with follow-ups); the delay until its next, None if refused."""
@@ -488,7 +678,7 @@ class SimFleet:
         for _ in range(1 + FOLLOW_UPS):
             payload = self._payload(dev)
             try:
-                resp = await self._send(dev, orjson.dumps(payload))
+                resp, took = await self._send(dev, orjson.dumps(payload))
             except _Refused as exc:
                 dev.refused = True
                 self._refused += 1
@@ -506,6 +696,8 @@ class SimFleet:
             self._checkins += 1
             self._rate.add()
             self._absorb(dev, payload, resp)
+            if self.observer is not None:
+                self.observer(dev, payload, resp, took)
             if not (dev.results or dev.acks or dev.inventory_version <= 0):
                 break
         return self._interval_of(dev) * self._rng.uniform(0.9, 1.1)
@@ -532,24 +724,37 @@ class SimFleet:
             }
         return payload
 
-    async def _send(self, dev: SimDevice, body: bytes) -> dict[str, Any]:
+    async def auth_headers(
+        self, dev: SimDevice, method: str, path_qs: str, body: bytes
+    ) -> dict[str, str]:
+        """The headers that prove the device's identity for one request.
+
+        The only place the simulator signs anything (check-ins and push upgrades alike), so
+        a change of the request-proof scheme in custos.protocol is a change here alone. It is
+        async so that a scheme needing a round trip (e.g. fetching a session key) fits in.
+        """
+        assert dev.key is not None
+        ts = int(time.time() + self._clock_offset)
+        return protocol.sign_request(dev.key, dev.device_id, method, path_qs, body, ts)
+
+    async def _send(self, dev: SimDevice, body: bytes) -> tuple[dict[str, Any], float]:
+        """One check-in: the server's answer and the round trip in seconds."""
         assert self._http is not None and dev.key is not None
         for attempt in (0, 1):
-            ts = int(time.time() + self._clock_offset)
-            headers = protocol.sign_request(
-                dev.key, dev.device_id, "POST", self._checkin_path, body, ts
-            )
+            headers = await self.auth_headers(dev, "POST", self._checkin_path, body)
             headers["content-type"] = "application/json"
+            sent = time.perf_counter()
             try:
                 resp = await self._http.post(self._checkin_url, content=body, headers=headers)
             except httpx.HTTPError as exc:
                 raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+            took = time.perf_counter() - sent
             if resp.status_code == 200:
                 try:
                     data: dict[str, Any] = orjson.loads(resp.content)
                 except orjson.JSONDecodeError as exc:
                     raise _Transient("the server's answer is not JSON") from exc
-                return data
+                return data, took
             code, detail = _error_of(resp)
             server_time = resp.headers.get(protocol.H_SERVER_TIME)
             if resp.status_code == 401 and code == "clock_skew" and attempt == 0 and server_time:

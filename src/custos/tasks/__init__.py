@@ -1,0 +1,1 @@
+"""Offline scheduled tasks: definitions, delivery to agents through the command queue, runs."""

@@ -1,0 +1,249 @@
+"""The check-in hot path: no database work for an empty check-in, session keys, query budgets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import event
+
+from custos import protocol
+from custos.agent.client import DeviceClient, ServerRefused
+
+pytestmark = pytest.mark.asyncio
+
+
+class QueryCounter:
+    """Counts the SQL statements run on behalf of one task (not the server's background jobs)."""
+
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+        self.task = asyncio.current_task()
+
+    def __call__(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        # the in-process transport runs the app in the caller's task
+        if asyncio.current_task() is self.task:
+            self.statements.append(statement.split(None, 1)[0].upper())
+
+    @property
+    def n(self) -> int:
+        return len(self.statements)
+
+
+@contextmanager
+def counting(api: Any) -> Iterator[QueryCounter]:
+    engine = api.services.db.engine.sync_engine
+    counter = QueryCounter()
+    event.listen(engine, "before_cursor_execute", counter)
+    try:
+        yield counter
+    finally:
+        event.remove(engine, "before_cursor_execute", counter)
+
+
+def _empty() -> dict[str, Any]:
+    return {"agent_version": "t"}
+
+
+async def _drain(dev: DeviceClient) -> list[dict[str, Any]]:
+    """Check in, acknowledge what came, check in again: the device is idle afterwards."""
+    got = (await dev.checkin(_empty()))["commands"]
+    if got:
+        await dev.checkin({"agent_version": "t", "acks": [c["run_id"] for c in got]})
+    return got  # type: ignore[no-any-return]
+
+
+async def test_empty_checkin_touches_no_database(api):
+    dev = await api.new_device("idle")
+    await dev.checkin(_empty())  # opens the session, caches the status
+    assert api.services.work.trusted
+    with counting(api) as q:
+        for _ in range(20):
+            resp = await dev.checkin(_empty())
+            assert resp["commands"] == []
+    assert q.n == 0, q.statements
+
+    # queued work is found at once, then the device is forgotten again once it is drained
+    await api.command(dev.device_id, kind="exec", argv=["echo", "now"])
+    with counting(api) as q:
+        got = await _drain(dev)
+    assert [c["payload"]["argv"] for c in got] == [["echo", "now"]]
+    assert q.n > 0
+    with counting(api) as q:
+        assert (await dev.checkin(_empty()))["commands"] == []
+    assert q.n == 0, q.statements
+
+
+async def test_deferred_work_becomes_due_without_a_query_before(api):
+    dev = await api.new_device("later")
+    await dev.checkin(_empty())
+    due = datetime.now(UTC) + timedelta(seconds=1.5)
+    await api.command(
+        dev.device_id, kind="exec", argv=["echo", "later"], not_before=due.isoformat()
+    )
+    with counting(api) as q:
+        assert (await dev.checkin(_empty()))["commands"] == []
+    assert q.n == 0, "a run due later must not cost a query now"
+    await asyncio.sleep(max(0.0, due.timestamp() - time.time()) + 0.1)
+    got = await _drain(dev)
+    assert [c["payload"]["argv"] for c in got] == [["echo", "later"]]
+
+
+async def test_untrusted_index_falls_back_to_one_query(api):
+    dev = await api.new_device("fallback")
+    await dev.checkin(_empty())
+    work = api.services.work
+    work._loaded = False  # as after missed events, before the reload has finished
+    with counting(api) as q:
+        assert (await dev.checkin(_empty()))["commands"] == []
+    assert q.statements == ["SELECT"]
+    await work.load()
+    assert work.trusted
+
+
+async def test_session_signing(api):
+    dev = await api.new_device("sess")
+    other = await api.new_device("other")
+    await dev.checkin(_empty())
+    assert dev.use_sessions and dev._session is not None
+    token, key, _ = dev._session
+    http: httpx.AsyncClient = api.http
+    path = protocol.DEVICE_API + "/checkin"
+    body = b'{"agent_version":"t"}'
+
+    async def send(headers: dict[str, str]) -> httpx.Response:
+        return await http.post(path, content=body, headers={**headers, "content-type": "x"})
+
+    now = int(time.time())
+    ok = protocol.sign_with_session(key, token, dev.device_id, "POST", path, body, now)
+    assert (await send(ok)).status_code == 200
+
+    # the body is covered by the MAC
+    r = await http.post(path, content=body + b" ", headers=ok)
+    assert r.status_code == 401 and r.json()["error"] == "bad_session"
+    # another device cannot use this session, even with the right key
+    stolen = protocol.sign_with_session(key, token, other.device_id, "POST", path, body, now)
+    r = await send(stolen)
+    assert r.status_code == 401 and r.json()["error"] == "bad_session"
+    # a forged expiry changes the key the server derives
+    forged = token.split(".")
+    forged[1] = str(int(forged[1]) + 86400)
+    bad = protocol.sign_with_session(key, ".".join(forged), dev.device_id, "POST", path, body, now)
+    assert (await send(bad)).json()["error"] == "bad_session"
+    # an expired session is refused with a code the agent recovers from
+    old_token, old_key, _ = api.services.authenticator.open_session(
+        dev.device_id, now=time.time() - 7 * 86400
+    )
+    expired = protocol.sign_with_session(old_key, old_token, dev.device_id, "POST", path, body, now)
+    r = await send(expired)
+    assert r.status_code == 401 and r.json()["error"] == "session_expired"
+    # the session endpoint itself wants the device key, not a session
+    r = await http.post(
+        protocol.SESSION_PATH,
+        headers=protocol.sign_with_session(
+            key, token, dev.device_id, "POST", protocol.SESSION_PATH, b"", now
+        ),
+    )
+    assert r.status_code == 401
+
+    # the client opens a new session by itself when its own has expired
+    dev._session = (old_token, old_key, time.monotonic() + 3600)
+    assert (await dev.checkin(_empty()))["commands"] == []
+    assert dev._session is not None and dev._session[0] != old_token
+
+
+async def test_retired_device_is_refused_despite_its_session(api):
+    dev = await api.new_device("gone")
+    await dev.checkin(_empty())
+    r = await api.post(f"/api/v1/devices/{dev.device_id}/retire")
+    assert r.status_code == 200, r.text
+    with pytest.raises(ServerRefused) as exc:
+        await dev.checkin(_empty())
+    assert exc.value.code == "retired"
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_two_processes_stay_coherent(api, settings):
+    """Work queued and devices retired through one process are seen by another's caches."""
+    from custos.server.app import create_app
+
+    other_app = create_app(settings)
+    async with other_app.router.lifespan_context(other_app):
+        svc_b = other_app.state.services
+        transport_b = httpx.ASGITransport(app=other_app)
+        dev_a = await api.new_device("a")
+        dev_b_side = DeviceClient(
+            "http://test", dev_a.device_id, dev_a.identity.key, ca_pem=None, transport=transport_b
+        )
+        await dev_b_side.checkin(_empty())
+        assert svc_b.work.trusted
+
+        await api.command(dev_a.device_id, kind="exec", argv=["echo", "via-a"])
+        deadline = time.monotonic() + 5
+        while not svc_b.work.may_have_work(dev_a.device_id):
+            assert time.monotonic() < deadline, "process B never heard of the new work"
+            await asyncio.sleep(0.02)
+        got = await _drain(dev_b_side)
+        assert [c["payload"]["argv"] for c in got] == [["echo", "via-a"]]
+
+        r = await api.post(f"/api/v1/devices/{dev_a.device_id}/retire")
+        assert r.status_code == 200
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                await dev_b_side.checkin(_empty())
+            except ServerRefused as exc:
+                assert exc.code == "retired"
+                break
+            assert time.monotonic() < deadline, "process B still accepts a retired device"
+            await asyncio.sleep(0.05)
+        await dev_b_side.aclose()
+
+
+# -- query budgets: a list costs a fixed number of statements, whatever its length ----------
+
+
+async def _statements(api: Any, path: str) -> int:
+    with counting(api) as q:
+        r = await api.get(path)
+    assert r.status_code == 200, r.text
+    return q.n
+
+
+async def test_list_endpoints_have_query_budgets(api):
+    first = await api.new_device("d0")
+    await first.checkin(_empty())
+    await api.command(first.device_id, kind="exec", argv=["true"])
+    g = await api.post("/api/v1/groups", json={"name": "g"})
+    assert g.status_code == 201, g.text
+    paths = {
+        "/api/v1/devices": 3,
+        "/api/v1/devices?q=d": 3,
+        "/api/v1/commands": 4,
+        "/api/v1/enrollment-tokens": 3,
+        "/api/v1/groups": 3,
+        f"/api/v1/devices/{first.device_id}": 4,
+        f"/api/v1/devices/{first.device_id}/history": 4,
+    }
+    small = {p: await _statements(api, p) for p in paths}
+    over = {p: (small[p], budget) for p, budget in paths.items() if small[p] > budget}
+    assert not over, f"statements over budget: {over}"
+
+    # many more rows: the same number of statements (no query per row)
+    for i in range(1, 12):
+        dev = await api.new_device(f"d{i}")
+        await api.command(dev.device_id, kind="exec", argv=["true"])
+        await api.post("/api/v1/groups", json={"name": f"g{i}"})
+        r = await api.post("/api/v1/groups/g/devices", json={"devices": [dev.device_id]})
+        assert r.status_code == 200, r.text
+    cmd = await api.command("group:g", kind="exec", argv=["true"])
+    for p in paths:
+        assert await _statements(api, p) == small[p], p
+    detail = await _statements(api, f"/api/v1/commands/{cmd['id']}")
+    assert detail <= 4
