@@ -195,7 +195,7 @@ def tables(results: list[Result], markdown: bool) -> str:
         )
     out.append(
         fmt_table(
-            ["custos / hello-world", "transport", "req/s ratio", "CPU/req ratio", "target"],
+            ["processes", "transport", "custos/hello req/s", "CPU/req ratio", "target"],
             ratio_rows,
             markdown,
         )

@@ -312,6 +312,14 @@ def b5(args: argparse.Namespace, dep: Deployment) -> tuple[str, bool]:
             srv.stop()
             srv.start()
             t_up = time.time()
+            # status lines are buffered: first the drop after the SIGTERM, then the way back
+            lg.wait_for(
+                lambda e, t=t_kill: (
+                    e["event"] == "status" and e["t"] > t and e["push_connected"] < n
+                ),
+                60,
+                "the connections to drop",
+            )
             back = lg.wait_for(
                 lambda e: e["event"] == "status" and e["push_connected"] >= n, 600, "reconnection"
             )

@@ -207,6 +207,8 @@ async def fanout_main(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     runner = asyncio.create_task(fleet.run(stop))
     try:
+        while not fleet.running:
+            await asyncio.sleep(0.01)
         if not args.push:
             for d in devices:  # the catch-up check-in the push connection would cause
                 fleet.wake(d)

@@ -247,3 +247,48 @@ async def test_list_endpoints_have_query_budgets(api):
         assert await _statements(api, p) == small[p], p
     detail = await _statements(api, f"/api/v1/commands/{cmd['id']}")
     assert detail <= 4
+
+
+async def test_a_woken_device_looks_for_work_even_if_the_index_has_not_heard(api):
+    """Behind a load balancer the nudge can overtake the event that tells this process."""
+    dev = await api.new_device("woken")
+    await dev.checkin(_empty())
+    await api.command(dev.device_id, kind="exec", argv=["echo", "raced"])
+    api.services.work._maybe.pop(dev.device_id)  # as if this process had not heard yet
+    assert (await dev.checkin(_empty()))["commands"] == []
+    got = (await dev.checkin({"agent_version": "t", "wake": True}))["commands"]
+    assert [c["payload"]["argv"] for c in got] == [["echo", "raced"]]
+
+
+async def test_fast_path_answers_like_the_routed_endpoint(api):
+    """The check-in served ahead of the router and the routed one agree, errors included."""
+    dev = await api.new_device("fast")
+    await dev.checkin(_empty())
+    token, key, _ = dev._session
+    http: httpx.AsyncClient = api.http
+    path = protocol.DEVICE_API + "/checkin"
+
+    async def post(qs: str, body: bytes, *, tamper: bool = False) -> httpx.Response:
+        sign = path + qs
+        h = protocol.sign_with_session(
+            key, token, dev.device_id, "POST", sign, body, int(time.time())
+        )
+        if tamper:
+            h[protocol.H_SIGNATURE] = h[protocol.H_SIGNATURE][::-1]
+        return await http.post(sign, content=body, headers=h)
+
+    for qs in ("", "?via=router"):  # a query string goes through FastAPI's router
+        ok = await post(qs, b'{"agent_version":"t"}')
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["commands"] == [] and ok.headers["content-type"] == "application/json"
+        bad = await post(qs, b'{"agent_version":"t"}', tamper=True)
+        assert bad.status_code == 401 and bad.json()["error"] == "bad_session"
+        assert protocol.H_SERVER_TIME in bad.headers
+        broken = await post(qs, b'{"agent_version":')
+        assert broken.status_code == 422 and broken.json()["error"] == "malformed_json"
+        wrong = await post(qs, b'{"agent_version":"t","surprise":1}')
+        assert wrong.status_code == 422 and wrong.json()["error"] == "invalid_request"
+    unsigned = await http.post(path, content=b"{}")
+    assert unsigned.status_code == 401 and unsigned.json()["error"] == "unsigned"
+    too_big = await http.post(path, content=b"x" * (api.services.settings.max_body_bytes + 1))
+    assert too_big.status_code == 413

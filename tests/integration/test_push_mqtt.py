@@ -63,7 +63,7 @@ async def test_nudges_are_published_per_device(prefix: str, watcher: aiomqtt.Cli
         hub.nudge(ids)
         assert time.perf_counter() - t0 < 0.05  # queued, not sent inline
         assert local.event.is_set()  # this process's WebSocket subscribers hear it too
-        msgs = await _collect(watcher, len(ids))
+        msgs = await _collect(watcher, len(ids), timeout=60)
         assert sorted(m.topic.value for m in msgs) == sorted(f"{prefix}/{d}" for d in ids)
         assert {m.payload for m in msgs} == {b'{"type":"wake"}'}
         assert {m.qos for m in msgs} == {1}

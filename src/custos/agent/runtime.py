@@ -76,6 +76,7 @@ class AgentRuntime:
         self.mqtt_ca_pem = mqtt_ca_pem  # the MQTT broker's CA, when it is not the Custos CA
         self.push_channel: Any = None  # a PushChannel while run_forever runs with push
         self._wake = asyncio.Event()
+        self._woken_by_push = False
         self._work = asyncio.Event()
         self._full_inventory = False
         self._inventory_due = 0.0
@@ -127,6 +128,10 @@ class AgentRuntime:
         acks = self.state.unacked()
         inv, snapshot = await self._inventory_part()
         payload: dict[str, Any] = {"agent_version": __version__, "results": results, "acks": acks}
+        if self._woken_by_push:
+            # tells the server to look for work even if its own index has not heard yet
+            payload["wake"] = True
+            self._woken_by_push = False
         if inv is not None:
             payload["inventory"] = inv
         task_results = self.tasks.store.outbox(self._task_batch)
@@ -427,6 +432,11 @@ class AgentRuntime:
         if ran or self._more_to_send():
             await self.checkin()
 
+    def _pushed(self) -> None:
+        """A push nudge arrived: check in now, saying so."""
+        self._woken_by_push = True
+        self._wake.set()
+
     async def run_forever(self, stop: asyncio.Event) -> None:
         """Check in at the interval (with jitter), back off on errors, until stop is set."""
         self.recover()
@@ -437,7 +447,7 @@ class AgentRuntime:
 
             self.push_channel = PushChannel(
                 self.client,
-                self._wake.set,
+                self._pushed,
                 state=self.state,
                 ca_pem=self.identity.ca_pem,
                 mqtt_ca_pem=self.mqtt_ca_pem,

@@ -116,6 +116,8 @@ class CheckinRequest(Strict):
     """One check-in: results, acknowledgements, inventory changes."""
 
     agent_version: ReportedStr = Field(default="", max_length=50)
+    # set when a push nudge triggered this check-in: look for work whatever the index says
+    wake: bool = False
     inventory: InventoryDelta | None = None
     results: list[RunResult] = Field(default_factory=list, max_length=200)
     acks: list[Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]] = Field(

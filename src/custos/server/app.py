@@ -19,6 +19,7 @@ from custos.push import routes as push_routes
 from custos.push.hub import build_push
 from custos.server.bootstrap import bootstrap
 from custos.server.container import Services
+from custos.server.fastpath import CheckinFastPath
 from custos.server.http import RequestGuard, install_error_handlers
 from custos.server.jobs import JobRunner
 from custos.settings import Settings
@@ -66,6 +67,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     logging.getLogger("uvicorn.error").addFilter(push_routes.DENIAL_LOG_FILTER)
+    # the last added is the outermost: the guard's URL and body limits apply to the fast path
+    app.add_middleware(CheckinFastPath)
     app.add_middleware(RequestGuard, limit=settings.max_body_bytes)
 
     @app.get("/healthz", include_in_schema=False)

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
 from custos import __version__, protocol
-from custos.agent.client import pinned_context
+from custos.agent.client import SESSION_ERRORS, pinned_context
 from custos.agent.identity import ca_fingerprint, fetch_pinned_ca
 from custos.agent.inventory import FACT_KEYS, inventory_delta
 from custos.agent.push import PUSH_PATH, STABLE_S, backoff_delay, push_url
@@ -178,6 +178,8 @@ class SimDevice:
         "rewake",
         "sched",
         "seed",
+        "session",
+        "woken",
     )
 
     def __init__(self, index: int, seed: int) -> None:
@@ -201,6 +203,8 @@ class SimDevice:
         self.busy = False  # a check-in cycle is running
         self.rewake = False  # woken during a cycle: one more cycle right after it
         self.sched = 0  # the heap entry that is current (>0), or queued now (-1)
+        self.session: tuple[str, bytes, float] | None = None  # token, key, monotonic expiry
+        self.woken = False  # the next check-in was triggered by a push nudge
 
     @property
     def enrolled(self) -> bool:
@@ -301,6 +305,7 @@ class SimFleet:
         self._checkin_url = str(url)
         self._checkin_path = url.raw_path.decode("ascii")
         self._enroll_url = self.server_url + protocol.DEVICE_API + "/enroll"
+        self._session_url = self.server_url + protocol.SESSION_PATH
         self._push_url = push_url(self.server_url)
         self._ssl: ssl.SSLContext | None = None
         self._queue: asyncio.Queue[SimDevice | None] | None = None
@@ -576,6 +581,11 @@ class SimFleet:
                 dev.sched = next(self._seq) + 1
                 heapq.heappush(heap, (time.monotonic() + delay, dev.sched, dev))
 
+    @property
+    def running(self) -> bool:
+        """Whether run() is checking devices in (wake() does nothing before)."""
+        return self._queue is not None
+
     def wake(self, dev: SimDevice) -> None:
         """Check this device in as soon as a worker is free (what a push nudge does)."""
         self._wakes += 1
@@ -633,9 +643,11 @@ class SimFleet:
                 started = time.monotonic()
                 async with ws:
                     self._push_state(dev, True)
+                    dev.woken = True
                     self.wake(dev)  # nudges sent while we were away are lost: catch up
                     async for msg in ws:
                         if msg in WAKE_MESSAGES:
+                            dev.woken = True
                             self.wake(dev)
             except asyncio.CancelledError:
                 raise
@@ -708,6 +720,9 @@ class SimFleet:
             "results": dev.results[:100],
             "acks": dev.acks[:500],
         }
+        if dev.woken:
+            payload["wake"] = True  # the server then asks its database, whatever its index says
+            dev.woken = False
         if dev.inventory_version <= 0:
             dev.pending_set.clear()
             dev.pending_remove.clear()
@@ -734,8 +749,44 @@ class SimFleet:
         async so that a scheme needing a round trip (e.g. fetching a session key) fits in.
         """
         assert dev.key is not None
+        session = await self._session_of(dev)
         ts = int(time.time() + self._clock_offset)
-        return protocol.sign_request(dev.key, dev.device_id, method, path_qs, body, ts)
+        return protocol.sign_with_session(
+            session[1], session[0], dev.device_id, method, path_qs, body, ts
+        )
+
+    async def _session_of(self, dev: SimDevice) -> tuple[str, bytes, float]:
+        """The device's session key, opened with one Ed25519-signed request when needed."""
+        if dev.session is not None and dev.session[2] - time.monotonic() > 60:
+            return dev.session
+        assert self._http is not None and dev.key is not None
+        for attempt in (0, 1):
+            ts = int(time.time() + self._clock_offset)
+            headers = protocol.sign_request(
+                dev.key, dev.device_id, "POST", protocol.SESSION_PATH, b"", ts
+            )
+            try:
+                resp = await self._http.post(self._session_url, headers=headers)
+            except httpx.HTTPError as exc:
+                raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+            if resp.status_code == 200:
+                data = orjson.loads(resp.content)
+                lifetime = float(data["expires_at"]) - float(data["server_time"])
+                dev.session = (
+                    str(data["token"]),
+                    protocol.decode_key(str(data["key"])),
+                    time.monotonic() + lifetime,
+                )
+                return dev.session
+            code, detail = _error_of(resp)
+            server_time = resp.headers.get(protocol.H_SERVER_TIME)
+            if resp.status_code == 401 and code == "clock_skew" and attempt == 0 and server_time:
+                self._clock_offset = float(server_time) - time.time()
+                continue
+            if resp.status_code in (401, 403):
+                raise _Refused(f"{detail} ({code})")
+            raise _Transient(f"session: HTTP {resp.status_code}: {detail} ({code})")
+        raise _Transient("clock correction did not help")
 
     async def _send(self, dev: SimDevice, body: bytes) -> tuple[dict[str, Any], float]:
         """One check-in: the server's answer and the round trip in seconds."""
@@ -760,10 +811,13 @@ class SimFleet:
             if resp.status_code == 401 and code == "clock_skew" and attempt == 0 and server_time:
                 self._clock_offset = float(server_time) - time.time()
                 continue
+            if resp.status_code == 401 and code in SESSION_ERRORS and attempt == 0:
+                dev.session = None  # expired, or the server's secret changed: open a new one
+                continue
             if resp.status_code in (401, 403):
                 raise _Refused(f"{detail} ({code})")
             raise _Transient(f"HTTP {resp.status_code}: {detail} ({code})")
-        raise _Transient("clock correction did not help")
+        raise _Transient("clock or session correction did not help")
 
     def _absorb(self, dev: SimDevice, payload: dict[str, Any], resp: dict[str, Any]) -> None:
         accepted = set(resp.get("accepted_results") or ())
