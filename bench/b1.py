@@ -105,6 +105,11 @@ def measure(
     try:
         devices = [d for d in fleet.devices if d.enrolled]
         if srv.name.startswith("custos"):
+            # one Ed25519-signed request per device opens its session; the check-ins that
+            # wrk replays are then HMAC-signed with the session key, as an agent's are
+            t0 = time.monotonic()
+            asyncio.run(fleet.open_sessions(devices, srv.url))
+            print(f"  {srv.name} [{tr}]: {len(devices)} sessions in {time.monotonic() - t0:.1f}s")
             asyncio.run(check_one(fleet, devices[0], srv.url))
         signed = time.monotonic()
         asyncio.run(write_requests(data, fleet, devices))

@@ -101,6 +101,24 @@ class Deployment:
 
         asyncio.run(run())
 
+    async def close_open_runs(self) -> int:
+        """Cancel the runs earlier benchmarks left queued, sent or acked (B2 queues plenty).
+
+        Left open they would make every check-in of those devices a database check-in and
+        spoil B1's empty check-ins.
+        """
+        import asyncpg
+
+        conn = await asyncpg.connect(f"{self.pg_base}/{self.db_name}", timeout=5)
+        try:
+            status = await conn.execute(
+                "UPDATE command_runs SET state = 'cancelled', finished_at = now() "
+                "WHERE state IN ('queued', 'sent', 'acked')"
+            )
+        finally:
+            await conn.close()
+        return int(status.split()[-1])
+
     def server(
         self,
         *,
@@ -320,4 +338,7 @@ def ensure(dep: Deployment, count: int, mode: str) -> dict[str, Any]:
             f"({info['rate']:.0f}/s, {mode})",
             flush=True,
         )
+    closed = asyncio.run(dep.close_open_runs())
+    if closed:
+        print(f"  cancelled {closed} runs left open by an earlier benchmark", flush=True)
     return info

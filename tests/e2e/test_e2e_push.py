@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from e2e_harness import E2E, AgentProcess, ServerProcess, signed_headers, wait_for
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from custos import protocol
@@ -121,9 +121,15 @@ def test_push_is_authenticated_and_private(e2e: E2E) -> None:
         with pytest.raises(TimeoutError):
             ws_b.recv(timeout=0.5)
 
-    # a retired device cannot open the channel any more
-    r = e2e.admin.post(f"/api/v1/devices/{b.device_id}/retire")
-    assert r.status_code == 200, r.text
+    # retiring a device hangs up its open channel at once, and it cannot open one again
+    with _socket(e2e, _signed(b)) as ws_b:
+        r = e2e.admin.post(f"/api/v1/devices/{b.device_id}/retire")
+        assert r.status_code == 200, r.text
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:  # at most one last wake before the close
+                ws_b.recv(timeout=WAKE_BUDGET_S)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        assert closed.value.rcvd.reason == "retired"
     with pytest.raises(InvalidStatus) as exc, _socket(e2e, _signed(b)):
         pass
     assert exc.value.response.status_code == 401

@@ -27,8 +27,10 @@ class QueryCounter:
         self.task = asyncio.current_task()
 
     def __call__(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        # the in-process transport runs the app in the caller's task
-        if asyncio.current_task() is self.task:
+        # the in-process transport runs the app in the caller's task; check-ins with work
+        # are committed by the check-in batcher's workers on its behalf
+        task = asyncio.current_task()
+        if task is self.task or (task is not None and task.get_name().startswith("checkin-batch")):
             self.statements.append(statement.split(None, 1)[0].upper())
 
     @property
@@ -292,3 +294,44 @@ async def test_fast_path_answers_like_the_routed_endpoint(api):
     assert unsigned.status_code == 401 and unsigned.json()["error"] == "unsigned"
     too_big = await http.post(path, content=b"x" * (api.services.settings.max_body_bytes + 1))
     assert too_big.status_code == 413
+
+
+async def test_concurrent_checkins_with_work_share_transactions(api):
+    devs = [await api.new_device(f"b{i}") for i in range(12)]
+    for d in devs:
+        await d.checkin(_empty())
+    await api.post("/api/v1/groups", json={"name": "batch"})
+    r = await api.post(
+        "/api/v1/groups/batch/devices", json={"devices": [d.device_id for d in devs]}
+    )
+    assert r.status_code == 200, r.text
+    cmd = await api.command("group:batch", kind="exec", argv=["echo", "b"])
+    batcher = api.services.checkin._batch
+    before = batcher.batches
+    got = await asyncio.gather(*(d.checkin({"agent_version": "t", "wake": True}) for d in devs))
+    runs = [r["commands"][0]["run_id"] for r in got]
+    assert len(set(runs)) == len(devs)  # each device got its own run, once
+    # results and acks of all of them, again concurrently
+    results = [
+        {
+            "agent_version": "t",
+            "acks": [run],
+            "results": [
+                {"run_id": run, "state": "succeeded", "exit_code": 0, "stdout": f"out-{i}"}
+            ],
+        }
+        for i, run in enumerate(runs)
+    ]
+    done = await asyncio.gather(*(d.checkin(p) for d, p in zip(devs, results, strict=True)))
+    assert [r["accepted_results"] for r in done] == [[run] for run in runs]
+    assert batcher.batches - before < 2 * len(devs), "no two check-ins ever shared a transaction"
+    detail = (await api.get(f"/api/v1/commands/{cmd['id']}")).json()
+    by_device = {r["device_id"]: r for r in detail["runs"]}
+    for i, d in enumerate(devs):
+        assert by_device[d.device_id]["state"] == "succeeded"
+        assert by_device[d.device_id]["stdout"] == f"out-{i}"
+    # a device cannot report or acknowledge another device's run
+    other = results[0] | {"results": [results[1]["results"][0] | {"stdout": "forged"}]}
+    await devs[0].checkin(other)
+    detail = (await api.get(f"/api/v1/commands/{cmd['id']}")).json()
+    assert {r["stdout"] for r in detail["runs"]} == {f"out-{i}" for i in range(len(devs))}

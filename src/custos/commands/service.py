@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import func, insert, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
@@ -235,40 +235,58 @@ class CommandService:
     async def take_pending(
         self, s: AsyncSession, device_id: str, limit: int
     ) -> list[DeliveredCommand]:
-        """Runs due now, marked sent (oldest first); the device's expired runs are closed."""
+        """Runs due now, marked sent (oldest first); expired ones met on the way are closed."""
+        return (await self.take_pending_many(s, [device_id], limit)).get(device_id, [])
+
+    async def take_pending_many(
+        self, s: AsyncSession, device_ids: Sequence[str], limit: int
+    ) -> dict[str, list[DeliveredCommand]]:
+        """take_pending for several devices in one statement: up to `limit` runs each."""
+        if not device_ids:
+            return {}
         now = utcnow()
-        await s.execute(
-            update(CommandRun)
-            .where(
-                CommandRun.device_id == device_id,
-                CommandRun.state.in_(PENDING),
-                CommandRun.command_id.in_(select(Command.id).where(Command.expires_at <= now)),
+        ranked = (
+            select(
+                CommandRun.id,
+                func.row_number()
+                .over(
+                    partition_by=CommandRun.device_id,
+                    order_by=(CommandRun.created_at, CommandRun.id),
+                )
+                .label("rn"),
             )
-            .values(state="expired", finished_at=now)
-            .execution_options(synchronize_session=False)
+            .join(Command, Command.id == CommandRun.command_id)
+            .where(
+                CommandRun.device_id.in_(list(device_ids)),
+                CommandRun.state.in_(PENDING),
+                # future work must not crowd out what is due now
+                or_(Command.not_before.is_(None), Command.not_before <= now),
+            )
+            .subquery()
         )
         rows = (
             await s.execute(
                 select(CommandRun, Command)
                 .join(Command, Command.id == CommandRun.command_id)
                 .where(
-                    CommandRun.device_id == device_id,
+                    CommandRun.id.in_(select(ranked.c.id).where(ranked.c.rn <= limit)),
                     CommandRun.state.in_(PENDING),
-                    # future work must not crowd out what is due now
-                    or_(Command.not_before.is_(None), Command.not_before <= now),
                 )
                 .order_by(CommandRun.created_at, CommandRun.id)
-                .limit(limit)
                 # a concurrent check-in of the same device skips runs this one is handing out
                 .with_for_update(of=CommandRun, skip_locked=True)
             )
         ).all()
-        out = []
+        out: dict[str, list[DeliveredCommand]] = {}
         for run, cmd in rows:
+            if cmd.expires_at is not None and cmd.expires_at <= now:
+                run.state = "expired"
+                run.finished_at = now
+                continue
             run.state = "sent"
             run.deliveries += 1
             run.delivered_at = run.delivered_at or now
-            out.append(
+            out.setdefault(run.device_id, []).append(
                 DeliveredCommand(
                     run_id=run.id,
                     kind=cmd.kind,
@@ -281,12 +299,18 @@ class CommandService:
 
     async def acknowledge(self, s: AsyncSession, device_id: str, run_ids: Sequence[str]) -> None:
         """The agent has the runs in its local queue: stop re-sending them."""
-        if run_ids:
+        await self.acknowledge_many(s, [(device_id, run_ids)])
+
+    async def acknowledge_many(
+        self, s: AsyncSession, items: Sequence[tuple[str, Sequence[str]]]
+    ) -> None:
+        """acknowledge for several devices in one statement (each only its own runs)."""
+        pairs = [(device_id, run_id) for device_id, run_ids in items for run_id in run_ids]
+        if pairs:
             await s.execute(
                 update(CommandRun)
                 .where(
-                    CommandRun.device_id == device_id,
-                    CommandRun.id.in_(list(run_ids)),
+                    tuple_(CommandRun.device_id, CommandRun.id).in_(pairs),
                     CommandRun.state.in_(PENDING),
                 )
                 .values(state="acked")
@@ -297,37 +321,42 @@ class CommandService:
         self, s: AsyncSession, device_id: str, results: Sequence[RunResult]
     ) -> list[str]:
         """Store results idempotently; returns the run ids the agent may drop from its outbox."""
-        if not results:
-            return []
-        ids = [r.run_id for r in results]
+        return (await self.record_results_many(s, [(device_id, results)]))[0]
+
+    async def record_results_many(
+        self, s: AsyncSession, items: Sequence[tuple[str, Sequence[RunResult]]]
+    ) -> list[list[str]]:
+        """record_results for several devices with one read; the accepted ids of each."""
+        ids = [r.run_id for _, results in items for r in results]
+        if not ids:
+            return [[] for _ in items]
         runs = {
             r.id: r
             for r in (
-                await s.scalars(
-                    select(CommandRun)
-                    .where(CommandRun.id.in_(ids), CommandRun.device_id == device_id)
-                    .with_for_update()
-                )
+                await s.scalars(select(CommandRun).where(CommandRun.id.in_(ids)).with_for_update())
             ).all()
         }
-        accepted = []
         now = utcnow()
-        for res in results:
-            run = runs.get(res.run_id)
-            accepted.append(res.run_id)  # unknown or foreign ids are dropped, never retried
-            if run is None or run.state in TERMINAL:
-                continue
-            run.state = res.state
-            run.exit_code = res.exit_code
-            run.stdout = res.stdout[: self.max_output + 200]
-            run.stderr = res.stderr[: self.max_output + 200]
-            run.truncated = res.truncated or len(res.stdout) > self.max_output + 200
-            run.error = res.error
-            run.started_at = res.started_at
-            run.finished_at = res.finished_at or now
-            run.received_at = now
-            run.result = res.result
-        return accepted
+        out = []
+        for device_id, results in items:
+            accepted = []
+            for res in results:
+                run = runs.get(res.run_id)
+                accepted.append(res.run_id)  # unknown or foreign ids are dropped, never retried
+                if run is None or run.device_id != device_id or run.state in TERMINAL:
+                    continue
+                run.state = res.state
+                run.exit_code = res.exit_code
+                run.stdout = res.stdout[: self.max_output + 200]
+                run.stderr = res.stderr[: self.max_output + 200]
+                run.truncated = res.truncated or len(res.stdout) > self.max_output + 200
+                run.error = res.error
+                run.started_at = res.started_at
+                run.finished_at = res.finished_at or now
+                run.received_at = now
+                run.result = res.result
+            out.append(accepted)
+        return out
 
     async def expire_overdue(self) -> int:
         """Close pending runs whose command has expired (a periodic job)."""

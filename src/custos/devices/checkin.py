@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from sqlalchemy import bindparam, or_, select, update
 
 from custos.commands.index import WorkIndex
 from custos.commands.models import Command, CommandRun
+from custos.commands.schemas import DeliveredCommand
 from custos.commands.service import PENDING, CommandService
 from custos.db.base import utcnow
 from custos.db.engine import Database
@@ -19,6 +23,7 @@ from custos.devices.schemas import CheckinRequest, CheckinResponse
 from custos.devices.service import apply_inventory
 from custos.errors import Unauthorized
 from custos.push.schemas import PushDescriptor
+from custos.tasks.schemas import TaskResultRef
 from custos.tasks.service import record_task_results
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,9 @@ class DeviceCheckin:
         self.db = db
         self.commands = commands
         self.work = work
+        self._batch: CheckinBatcher = CheckinBatcher(
+            self._process_batch, workers=1 if db.dialect == "sqlite" else 2
+        )
         self.interval = interval
         self.max_commands = max_commands
         self.push = push  # the same for every device: where to listen for nudges
@@ -92,6 +100,9 @@ class DeviceCheckin:
         if not busy and not await self._may_have_work(device_id, req.wake):
             # the common case: nothing to record and nothing waiting
             return self.empty_response()
+        if req.inventory is None and not req.task_results:
+            # results, acks and work only: joined with concurrent check-ins in one transaction
+            return await self._batch.submit(device_id, req)
         generation = self.work.generation(device_id)
         resync = False
         version: int | None = None
@@ -109,11 +120,21 @@ class DeviceCheckin:
             work = await self.commands.take_pending(s, device_id, self.max_commands)
         # runs handed out stay pending until acknowledged, so only an empty take drains
         self.work.settle(device_id, generation, drained=not work)
+        return self._render(work, accepted, accepted_tasks, version, resync)
+
+    def _render(
+        self,
+        work: list[DeliveredCommand],
+        accepted: list[str],
+        accepted_tasks: list[TaskResultRef] | None = None,
+        version: int | None = None,
+        resync: bool = False,
+    ) -> bytes:
         return (
             CheckinResponse(
                 commands=work,
                 accepted_results=accepted,
-                accepted_task_results=accepted_tasks,
+                accepted_task_results=accepted_tasks or [],
                 inventory_version=version if version is not None else -1,
                 inventory_resync=resync,
                 checkin_interval=self.interval,
@@ -123,6 +144,32 @@ class DeviceCheckin:
             .model_dump_json()
             .encode()
         )
+
+    async def _process_batch(self, items: list[tuple[str, CheckinRequest]]) -> list[bytes]:
+        """Results, acks and work of several check-ins in one transaction (a few statements).
+
+        A device present twice gets its work in its first check-in (as a concurrent
+        check-in of the same device would skip the runs the other one is handing out).
+        """
+        devices = list(dict.fromkeys(d for d, _ in items))
+        generations = {d: self.work.generation(d) for d in devices}
+        async with self.db.transaction() as uow:
+            s = uow.session
+            accepted = await self.commands.record_results_many(
+                s, [(d, r.results) for d, r in items]
+            )
+            await self.commands.acknowledge_many(s, [(d, r.acks) for d, r in items])
+            work = await self.commands.take_pending_many(s, devices, self.max_commands)
+        for d in devices:
+            self.work.settle(d, generations[d], drained=not work.get(d))
+        out = []
+        for (d, _), acc in zip(items, accepted, strict=True):
+            out.append(self._render(work.pop(d, []), acc))
+        return out
+
+    async def stop(self) -> None:
+        """Stop the batch workers (pending check-ins are failed)."""
+        await self._batch.stop()
 
     async def flush_last_seen(self) -> int:
         """Write the batched last-seen times in one statement (a periodic job)."""
@@ -152,3 +199,89 @@ class DeviceCheckin:
                 self._seen.setdefault(k, v)
             raise
         return len(params)
+
+
+class CheckinBatcher:
+    """Group commit for check-ins: those that arrive while a transaction runs share the next.
+
+    Each worker takes everything queued (up to `max_batch`) and hands it to `process`, one
+    transaction for the lot; under load the batch grows and the cost per check-in falls,
+    idle it is a batch of one. Should a batch fail, its check-ins are retried one by one, so
+    that an error reaches only the check-in it belongs to.
+    """
+
+    def __init__(
+        self,
+        process: Callable[[list[tuple[str, CheckinRequest]]], Awaitable[list[bytes]]],
+        *,
+        workers: int,
+        max_batch: int = 200,
+    ) -> None:
+        self.process = process
+        self.workers = workers
+        self.max_batch = max_batch
+        self._queue: deque[tuple[str, CheckinRequest, asyncio.Future[bytes]]] = deque()
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.batches = 0
+        self.largest = 0
+
+    async def submit(self, device_id: str, req: CheckinRequest) -> bytes:
+        """Queue one check-in; its response once its batch has committed."""
+        if not self._tasks:
+            self._tasks = [
+                asyncio.get_running_loop().create_task(self._work(), name=f"checkin-batch-{i}")
+                for i in range(self.workers)
+            ]
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._queue.append((device_id, req, fut))
+        self._ready.set()
+        return await fut
+
+    async def stop(self) -> None:
+        """Cancel the workers and fail whatever is still queued."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        while self._queue:
+            _, _, fut = self._queue.popleft()
+            if not fut.done():
+                fut.set_exception(RuntimeError("server shutting down"))
+
+    async def _work(self) -> None:
+        while True:
+            if not self._queue:
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            batch: list[tuple[str, CheckinRequest, asyncio.Future[bytes]]] = []
+            while self._queue and len(batch) < self.max_batch:
+                item = self._queue.popleft()
+                if not item[2].cancelled():  # the client went away
+                    batch.append(item)
+            if batch:
+                await self._run(batch)
+
+    async def _run(self, batch: list[tuple[str, CheckinRequest, asyncio.Future[bytes]]]) -> None:
+        self.batches += 1
+        self.largest = max(self.largest, len(batch))
+        try:
+            responses = await self.process([(d, r) for d, r, _ in batch])
+        except asyncio.CancelledError:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(RuntimeError("server shutting down"))
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                if not batch[0][2].done():
+                    batch[0][2].set_exception(exc)
+                return
+            log.info("a batch of %d check-ins failed (%s); one by one", len(batch), exc)
+            for item in batch:
+                await self._run([item])
+            return
+        for (_, _, fut), body in zip(batch, responses, strict=True):
+            if not fut.done():
+                fut.set_result(body)

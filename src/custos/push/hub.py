@@ -162,6 +162,10 @@ class _LocalSubscribers:
                 listener(event)
             except Exception:
                 log.exception("push: event listener failed")
+        if event.kind == "status":
+            # after the listeners dropped the cached status: the push connections of these
+            # devices look at it again (and close if the device was retired)
+            self.wake_local(event.device_ids)
 
     def _resynced(self) -> None:
         for callback in self._resync:

@@ -46,6 +46,10 @@ async def push(ws: WebSocket) -> None:
             if receiver in done:
                 break
             sub.event.clear()
+            if await svc.authenticator.status(auth.device_id) != "active":
+                # retired while connected (a hub "status" event woke us): hang up
+                await ws.close(code=CLOSE_REFUSED, reason="retired")
+                break
             await ws.send_text(WAKE)
     except (WebSocketDisconnect, OSError, RuntimeError):
         pass  # the device went away mid-send

@@ -50,6 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             await jobs.stop()
+            await svc.checkin.stop()
             try:
                 await svc.checkin.flush_last_seen()
             except Exception:

@@ -755,18 +755,48 @@ class SimFleet:
             session[1], session[0], dev.device_id, method, path_qs, body, ts
         )
 
-    async def _session_of(self, dev: SimDevice) -> tuple[str, bytes, float]:
+    async def open_sessions(
+        self, devices: Iterable[SimDevice], base_url: str, *, concurrency: int = 64
+    ) -> None:
+        """Open a session for each device on the server at `base_url` (TLS not verified).
+
+        For benchmarks that pre-sign requests for a server the fleet does not otherwise talk
+        to; the fleet's own traffic opens sessions as it goes.
+        """
+        # several small clients: httpcore's pool does work per request that grows with its
+        # number of connections, which makes one big pool the bottleneck of a large fleet
+        todo = list(devices)
+        url = base_url.rstrip("/") + protocol.SESSION_PATH
+        per_client = 4
+        clients = max(1, concurrency // per_client)
+        limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
+
+        async def lane(http: httpx.AsyncClient, share: list[SimDevice]) -> None:
+            for dev in share:
+                await self._session_of(dev, http, url)
+
+        async def client(k: int) -> None:
+            async with httpx.AsyncClient(verify=False, timeout=self.timeout, limits=limits) as http:  # noqa: S501 - bench only
+                share = todo[k::clients]
+                await asyncio.gather(*(lane(http, share[j::per_client]) for j in range(per_client)))
+
+        await asyncio.gather(*(client(k) for k in range(clients)))
+
+    async def _session_of(
+        self, dev: SimDevice, http: httpx.AsyncClient | None = None, url: str | None = None
+    ) -> tuple[str, bytes, float]:
         """The device's session key, opened with one Ed25519-signed request when needed."""
         if dev.session is not None and dev.session[2] - time.monotonic() > 60:
             return dev.session
-        assert self._http is not None and dev.key is not None
+        http = http or self._http
+        assert http is not None and dev.key is not None
         for attempt in (0, 1):
             ts = int(time.time() + self._clock_offset)
             headers = protocol.sign_request(
                 dev.key, dev.device_id, "POST", protocol.SESSION_PATH, b"", ts
             )
             try:
-                resp = await self._http.post(self._session_url, headers=headers)
+                resp = await http.post(url or self._session_url, headers=headers)
             except httpx.HTTPError as exc:
                 raise _Transient(f"{type(exc).__name__}: {exc}") from exc
             if resp.status_code == 200:
