@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, or_, select, tuple_, update
+from sqlalchemy import bindparam, func, insert, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
@@ -48,6 +48,22 @@ class CommandService:
         self.upload_dir = upload_dir
         self.max_output = max_output
         self.push = push
+        self._result_stmt = (
+            update(CommandRun)
+            .where(CommandRun.id == bindparam("r_id"))
+            .values(
+                state=bindparam("r_state"),
+                exit_code=bindparam("r_exit"),
+                stdout=bindparam("r_stdout"),
+                stderr=bindparam("r_stderr"),
+                truncated=bindparam("r_truncated"),
+                error=bindparam("r_error"),
+                started_at=bindparam("r_started"),
+                finished_at=bindparam("r_finished"),
+                received_at=bindparam("r_received"),
+                result=bindparam("r_result"),
+            )
+        )
 
     async def create(self, req: CommandCreate, created_by: str) -> CommandDetail:
         """One command, one run per target device, in one transaction."""
@@ -266,7 +282,14 @@ class CommandService:
         )
         rows = (
             await s.execute(
-                select(CommandRun, Command)
+                select(
+                    CommandRun.id,
+                    CommandRun.device_id,
+                    Command.kind,
+                    Command.payload,
+                    Command.not_before,
+                    Command.expires_at,
+                )
                 .join(Command, Command.id == CommandRun.command_id)
                 .where(
                     CommandRun.id.in_(select(ranked.c.id).where(ranked.c.rn <= limit)),
@@ -278,22 +301,39 @@ class CommandService:
             )
         ).all()
         out: dict[str, list[DeliveredCommand]] = {}
-        for run, cmd in rows:
-            if cmd.expires_at is not None and cmd.expires_at <= now:
-                run.state = "expired"
-                run.finished_at = now
+        sent: list[str] = []
+        expired: list[str] = []
+        for run_id, device_id, kind, payload, not_before, expires_at in rows:
+            if expires_at is not None and expires_at <= now:
+                expired.append(run_id)
                 continue
-            run.state = "sent"
-            run.deliveries += 1
-            run.delivered_at = run.delivered_at or now
-            out.setdefault(run.device_id, []).append(
+            sent.append(run_id)
+            out.setdefault(device_id, []).append(
                 DeliveredCommand(
-                    run_id=run.id,
-                    kind=cmd.kind,
-                    payload=cmd.payload,
-                    not_before=cmd.not_before,
-                    expires_at=cmd.expires_at,
+                    run_id=run_id,
+                    kind=kind,
+                    payload=payload,
+                    not_before=not_before,
+                    expires_at=expires_at,
                 )
+            )
+        if sent:
+            await s.execute(
+                update(CommandRun)
+                .where(CommandRun.id.in_(sent))
+                .values(
+                    state="sent",
+                    deliveries=CommandRun.deliveries + 1,
+                    delivered_at=func.coalesce(CommandRun.delivered_at, now),
+                )
+                .execution_options(synchronize_session=False)
+            )
+        if expired:
+            await s.execute(
+                update(CommandRun)
+                .where(CommandRun.id.in_(expired))
+                .values(state="expired", finished_at=now)
+                .execution_options(synchronize_session=False)
             )
         return out
 
@@ -330,32 +370,48 @@ class CommandService:
         ids = [r.run_id for _, results in items for r in results]
         if not ids:
             return [[] for _ in items]
-        runs = {
-            r.id: r
-            for r in (
-                await s.scalars(select(CommandRun).where(CommandRun.id.in_(ids)).with_for_update())
+        # owner and state of each run, locked: one read, then one executemany UPDATE
+        known = {
+            run_id: [device_id, state]
+            for run_id, device_id, state in (
+                await s.execute(
+                    select(CommandRun.id, CommandRun.device_id, CommandRun.state)
+                    .where(CommandRun.id.in_(ids))
+                    .with_for_update()
+                )
             ).all()
         }
         now = utcnow()
         out = []
+        updates: list[dict[str, Any]] = []
         for device_id, results in items:
             accepted = []
             for res in results:
-                run = runs.get(res.run_id)
+                run = known.get(res.run_id)
                 accepted.append(res.run_id)  # unknown or foreign ids are dropped, never retried
-                if run is None or run.device_id != device_id or run.state in TERMINAL:
+                if run is None or run[0] != device_id or run[1] in TERMINAL:
                     continue
-                run.state = res.state
-                run.exit_code = res.exit_code
-                run.stdout = res.stdout[: self.max_output + 200]
-                run.stderr = res.stderr[: self.max_output + 200]
-                run.truncated = res.truncated or len(res.stdout) > self.max_output + 200
-                run.error = res.error
-                run.started_at = res.started_at
-                run.finished_at = res.finished_at or now
-                run.received_at = now
-                run.result = res.result
+                run[1] = res.state  # a second report of the same run in this batch is ignored
+                limit = self.max_output + 200
+                updates.append(
+                    {
+                        "r_id": res.run_id,
+                        "r_state": res.state,
+                        "r_exit": res.exit_code,
+                        "r_stdout": res.stdout[:limit],
+                        "r_stderr": res.stderr[:limit],
+                        "r_truncated": res.truncated or len(res.stdout) > limit,
+                        "r_error": res.error,
+                        "r_started": res.started_at,
+                        "r_finished": res.finished_at or now,
+                        "r_received": now,
+                        "r_result": res.result,
+                    }
+                )
             out.append(accepted)
+        if updates:
+            conn = await s.connection()
+            await conn.execute(self._result_stmt, updates)
         return out
 
     async def expire_overdue(self) -> int:

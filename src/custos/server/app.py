@@ -65,6 +65,9 @@ def create_app(settings: Settings) -> FastAPI:
         docs_url="/api/docs",
         redoc_url=None,
         lifespan=lifespan,
+        # FastAPI's built-in OpenTelemetry bridge reads environment variables on every
+        # request to see whether it is configured; Custos does not use it
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
     logging.getLogger("uvicorn.error").addFilter(push_routes.DENIAL_LOG_FILTER)
