@@ -168,7 +168,9 @@ def b2(args: argparse.Namespace, dep: Deployment) -> tuple[str, bool]:
     settings = (
         f"{n:,} devices, {args.concurrency} check-ins in flight, {args.duration:.0f}s each, "
         f"{args.workers[0]} server process(es), {args.transport}, "
-        f"max_commands_per_checkin=1, ping commands; load generator: {LOADGEN_NAME}"
+        f"max_commands_per_checkin=1, ping commands; load generator: bench/loadgen.py in its "
+        "own process (the simulator's fleet and session keys; check-ins over bare keep-alive "
+        "HTTP/1.1 connections, bench/rawhttp.py, since httpx costs ~1 ms of CPU a request)"
     )
     print(f"\nB2 check-ins with work — {settings}\n" + fmt_table(header, rows, False))
     return f"### B2 check-ins with work\n\n{settings}\n\n{fmt_table(header, rows, True)}\n", ok

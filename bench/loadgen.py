@@ -159,16 +159,20 @@ async def checkin_main(args: argparse.Namespace) -> None:
     measuring = True
     started = time.perf_counter()
     deadline = started + args.duration
-    nxt = 0
+    errors, last_error, done = 0, "", 0
+    if args.raw:
+        done, errors, last_error = await _raw_checkins(args, fleet, devices, deadline, observe)
+    else:
+        nxt = 0
 
-    async def worker() -> None:
-        nonlocal nxt
-        while time.perf_counter() < deadline:
-            dev = devices[nxt % len(devices)]
-            nxt += 1
-            await fleet.checkin_once(dev)
+        async def worker() -> None:
+            nonlocal nxt
+            while time.perf_counter() < deadline:
+                dev = devices[nxt % len(devices)]
+                nxt += 1
+                await fleet.checkin_once(dev)
 
-    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     elapsed = time.perf_counter() - started
     measuring = False
     s = fleet.stats()
@@ -179,13 +183,86 @@ async def checkin_main(args: argparse.Namespace) -> None:
         seconds=elapsed,
         checkins=len(lat),
         kinds=kinds,
-        commands_done=s.commands_done,
+        commands_done=done if args.raw else s.commands_done,
         p50_ms=1000 * percentile(lat, 50),
         p99_ms=1000 * percentile(lat, 99),
-        errors=s.errors,
-        last_error=s.last_error,
+        errors=errors if args.raw else s.errors,
+        last_error=last_error if args.raw else s.last_error,
         queued=queued,
+        client="raw asyncio HTTP/1.1 (bench/rawhttp.py)" if args.raw else "SimFleet (httpx)",
     )
+
+
+async def _raw_checkins(
+    args: argparse.Namespace,
+    fleet: SimFleet,
+    devices: list[SimDevice],
+    deadline: float,
+    observe: Any,
+) -> tuple[int, int, str]:
+    """Check-ins over bare keep-alive connections, each returning the last command's result.
+
+    Requests are HMAC-signed with each device's session key (opened during the warm-up);
+    a command that comes back is "run" at once (ping) and its result and acknowledgement
+    go with that device's next check-in.
+    """
+    import ssl
+
+    import orjson
+
+    from custos import protocol
+    from rawhttp import RawHTTP
+
+    ctx = ssl.create_default_context(cafile=args.ca_file) if args.url.startswith("https") else None
+    path = protocol.DEVICE_API + "/checkin"
+    held: dict[str, list[str]] = {d.device_id: [] for d in devices}
+    done = errors = 0
+    last_error = ""
+
+    async def worker(k: int) -> None:
+        nonlocal done, errors, last_error
+        conn = RawHTTP(args.url, ctx)
+        mine = devices[k :: args.concurrency]
+        i = 0
+        while mine and time.perf_counter() < deadline:
+            dev = mine[i % len(mine)]
+            i += 1
+            runs = held[dev.device_id]
+            payload = {
+                "agent_version": "bench",
+                "acks": runs,
+                "results": [
+                    {"run_id": r, "state": "succeeded", "exit_code": 0, "stdout": "pong"}
+                    for r in runs
+                ],
+            }
+            body = orjson.dumps(payload)
+            assert dev.session is not None
+            token, key, _ = dev.session
+            headers = protocol.sign_with_session(
+                key, token, dev.device_id, "POST", path, body, int(time.time())
+            )
+            headers["content-type"] = "application/json"
+            sent = time.perf_counter()
+            try:
+                status, data = await conn.post(path, headers, body)
+            except (OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
+                errors += 1
+                last_error = f"{type(exc).__name__}: {exc}"
+                continue
+            took = time.perf_counter() - sent
+            if status != 200:
+                errors += 1
+                last_error = f"HTTP {status}: {data[:200]!r}"
+                continue
+            resp = orjson.loads(data)
+            done += len(runs)
+            held[dev.device_id] = [c["run_id"] for c in resp.get("commands") or ()]
+            observe(dev, payload, resp, took)
+        await conn.close()
+
+    await asyncio.gather(*(worker(k) for k in range(args.concurrency)))
+    return done, errors, last_error
 
 
 # --- B3: fan-out ---
@@ -298,6 +375,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64, help="check-ins in flight")
     ap.add_argument("--duration", type=float, default=15.0, help="checkin: measured seconds")
     ap.add_argument("--commands", type=int, default=0, help="checkin: commands per device")
+    ap.add_argument(
+        "--httpx", dest="raw", action="store_false", help="checkin: the simulator's httpx client"
+    )
     ap.add_argument("--no-push", dest="push", action="store_false", help="fanout: baseline")
     ap.add_argument("--timeout", type=float, default=120.0, help="fanout: give up after")
     ap.add_argument("--setup-timeout", type=float, default=600.0)

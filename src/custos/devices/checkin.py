@@ -81,10 +81,8 @@ class DeviceCheckin:
         """The JSON of a check-in that hands out nothing (built without pydantic)."""
         return self._empty_head + repr(time.time()).encode() + self._empty_tail
 
-    async def _may_have_work(self, device_id: str, woken: bool) -> bool:
-        # a woken device asks in earnest: the nudge may have overtaken the event that
-        # tells this process about the work (several processes behind a load balancer)
-        if self.work.trusted and not woken:
+    async def _may_have_work(self, device_id: str) -> bool:
+        if self.work.trusted:
             return self.work.may_have_work(device_id)
         row = await self.db.fetch_one(self._pending_stmt, {"device_id": device_id, "now": utcnow()})
         return row is not None
@@ -97,8 +95,10 @@ class DeviceCheckin:
         device_id = auth.device_id
         self._seen[device_id] = (utcnow(), round(auth.skew_s, 1), req.agent_version)
         busy = bool(req.results or req.task_results or req.acks or req.inventory is not None)
-        if not busy and not await self._may_have_work(device_id, req.wake):
-            # the common case: nothing to record and nothing waiting
+        if not busy and not req.wake and not await self._may_have_work(device_id):
+            # the common case: nothing to record and nothing waiting. A woken device goes
+            # on to the database whatever the index says: the nudge may have overtaken the
+            # event that tells this process about the work (processes behind a load balancer)
             return self.empty_response()
         if req.inventory is None and not req.task_results:
             # results, acks and work only: joined with concurrent check-ins in one transaction
