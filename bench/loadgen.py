@@ -214,6 +214,9 @@ async def _raw_checkins(
     from rawhttp import RawHTTP
 
     ctx = ssl.create_default_context(cafile=args.ca_file) if args.url.startswith("https") else None
+    missing = [d for d in devices if d.session is None]
+    if missing:  # a warm-up check-in that failed opened no session
+        await fleet.open_sessions(missing, args.url)
     path = protocol.DEVICE_API + "/checkin"
     held: dict[str, list[str]] = {d.device_id: [] for d in devices}
     done = errors = 0
@@ -237,7 +240,10 @@ async def _raw_checkins(
                 ],
             }
             body = orjson.dumps(payload)
-            assert dev.session is not None
+            if dev.session is None:
+                errors += 1
+                last_error = f"{dev.device_id}: no session"
+                continue
             token, key, _ = dev.session
             headers = protocol.sign_with_session(
                 key, token, dev.device_id, "POST", path, body, int(time.time())

@@ -163,3 +163,47 @@ def test_nudge_crosses_server_processes(e2e: E2E) -> None:
             admin2.close()
         # the agent holds a connection to server 1 only; server 2 can stop now
         second.stop()
+
+
+def test_work_is_delivered_and_acknowledged_on_the_socket(e2e: E2E) -> None:
+    """?deliver=1: the command comes down the socket and is acknowledged up it."""
+    a, b = e2e.agent("deliver-a"), e2e.agent("deliver-b")
+    path = PUSH + "?deliver=1"
+
+    def headers(agent: AgentProcess) -> dict[str, str]:
+        h = signed_headers(agent.device_key(), agent.device_id, b"", path=path, method="GET")
+        h.pop("content-type")
+        return h
+
+    ctx = ssl.create_default_context(cafile=str(e2e.root / "ca.pem"))
+    url = e2e.url.replace("https://", "wss://") + path
+    with (
+        connect(url, ssl=ctx, additional_headers=headers(a), open_timeout=10) as ws_a,
+        connect(url, ssl=ctx, additional_headers=headers(b), open_timeout=10) as ws_b,
+    ):
+        cmd_b = e2e.admin.command(target=b.device_id, kind="ping")
+        frame = json.loads(ws_b.recv(timeout=WAKE_BUDGET_S))
+        assert frame["type"] == "checkin"
+        (delivered,) = frame["response"]["commands"]
+        assert delivered["kind"] == "ping"
+        run_b = delivered["run_id"]
+        assert e2e.admin.wait_run(cmd_b["id"], states=("sent",), timeout=5)["id"] == run_b
+        with pytest.raises(TimeoutError):
+            ws_a.recv(timeout=0.5)  # A hears nothing of B's work
+
+        # rubbish and another device's run id change nothing; B's own ack does
+        ws_b.send("not json")
+        ws_b.send(json.dumps({"type": "ack", "run_ids": ["nope"]}))
+        ws_a.send(json.dumps({"type": "ack", "run_ids": [run_b]}))
+        time.sleep(0.5)
+        assert e2e.admin.run_of(cmd_b["id"])["state"] == "sent"  # type: ignore[index]
+        ws_b.send(json.dumps({"type": "ack", "run_ids": [run_b]}))
+        assert e2e.admin.wait_run(cmd_b["id"], states=("acked",), timeout=5)["id"] == run_b
+
+    # a real agent takes its work from the socket: the run is acknowledged without the
+    # agent's own check-in loop (its interval is 60 s), then succeeds
+    _start_with_push(a)
+    elapsed, run = _command_round_trip(e2e.admin, a.device_id)
+    assert run["state"] == "succeeded", run
+    assert elapsed < WAKE_BUDGET_S
+    assert "delivered on the socket" in a.log_path.read_text(errors="replace")

@@ -65,10 +65,17 @@ class PushListener:
         *,
         ca_pem: str | None,
         ping_interval: float = 30.0,
+        on_work: Callable[[dict[str, Any]], list[str]] | None = None,
+        on_acked: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.client = client
         self.on_wake = on_wake
-        self.url = push_url(client.base_url)
+        # with on_work the server hands work down the socket (?deliver=1): on_work queues
+        # it and returns the run ids, which are acknowledged on the socket, then on_acked
+        self.on_work = on_work
+        self.on_acked = on_acked
+        self.query = "?deliver=1" if on_work is not None else ""
+        self.url = push_url(client.base_url) + self.query
         self.ssl = pinned_context(ca_pem) if ca_pem and self.url.startswith("wss://") else None
         self.ping_interval = ping_interval
         self.connected = False
@@ -77,7 +84,7 @@ class PushListener:
     def _headers(self) -> dict[str, str]:
         ts = int(time.time() + self.client.clock_offset)
         return protocol.sign_request(
-            self.client.key, self.client.device_id, "GET", PUSH_PATH, b"", ts
+            self.client.key, self.client.device_id, "GET", PUSH_PATH + self.query, b"", ts
         )
 
     async def run(self) -> None:
@@ -136,8 +143,12 @@ class PushListener:
                         msg = json.loads(raw)
                     except ValueError:
                         continue
-                    if isinstance(msg, dict) and msg.get("type") == "wake":
+                    if not isinstance(msg, dict):
+                        continue
+                    if msg.get("type") == "wake":
                         self._wake()
+                    elif msg.get("type") == "checkin" and self.on_work is not None:
+                        await self._take(ws, msg.get("response"))
             except asyncio.CancelledError:
                 # the agent is stopping: say goodbye properly (1000) rather than 1011
                 with contextlib.suppress(Exception):
@@ -147,6 +158,25 @@ class PushListener:
     def _wake(self) -> None:
         self.wakes += 1
         self.on_wake()
+
+    async def _take(self, ws: Any, response: Any) -> None:
+        """Work handed down the socket: queue it, then acknowledge it on the socket."""
+        assert self.on_work is not None
+        if not isinstance(response, dict):
+            return
+        try:
+            run_ids = self.on_work(response)
+        except Exception:
+            log.exception("push: could not take the delivered work; a check-in will fetch it")
+            self._wake()
+            return
+        if run_ids:
+            log.info("push: %d command(s) delivered on the socket", len(run_ids))
+            await ws.send(json.dumps({"type": "ack", "run_ids": run_ids}))
+            if self.on_acked is not None:
+                # were the acknowledgement lost, the server would hand the runs out again
+                # and the queue would recognise them
+                self.on_acked(run_ids)
 
 
 # --- MQTT: the broker named by the server holds the connection ---
@@ -333,9 +363,13 @@ class PushChannel:
         state: AgentState,
         ca_pem: str | None,
         mqtt_ca_pem: str | None = None,
+        on_work: Callable[[dict[str, Any]], list[str]] | None = None,
+        on_acked: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.client = client
         self.on_wake = on_wake
+        self.on_work = on_work  # work delivered on the WebSocket (see PushListener)
+        self.on_acked = on_acked
         self.state = state
         self.ca_pem = ca_pem
         self.mqtt_ca_pem = mqtt_ca_pem
@@ -370,9 +404,18 @@ class PushChannel:
             self.target = target
             self._changed.set()
 
+    def _websocket(self) -> PushListener:
+        return PushListener(
+            self.client,
+            self.on_wake,
+            ca_pem=self.ca_pem,
+            on_work=self.on_work,
+            on_acked=self.on_acked,
+        )
+
     def _listener(self, target: PushTarget) -> PushListener | MqttListener:
         if target.kind != "mqtt":
-            return PushListener(self.client, self.on_wake, ca_pem=self.ca_pem)
+            return self._websocket()
         tls = None
         if target.tls:
             broker_ca = self.mqtt_ca_pem or self.ca_pem
@@ -392,7 +435,7 @@ class PushChannel:
                 listener = self._listener(target)
             except (OSError, ValueError, ssl.SSLError) as exc:
                 log.warning("push: cannot listen on %s (%s); using WebSocket", target.url, exc)
-                listener = PushListener(self.client, self.on_wake, ca_pem=self.ca_pem)
+                listener = self._websocket()
             self.listener = listener
             task = asyncio.create_task(listener.run(), name="push-listener")
             changed = asyncio.create_task(self._changed.wait())

@@ -171,7 +171,10 @@ class AgentRuntime:
             last_checkin=_iso(),
             clock_offset=f"{self.client.clock_offset:.1f}",
         )
-        commands = resp.get("commands", [])
+        return len(self._enqueue(resp.get("commands") or []))
+
+    def _enqueue(self, commands: list[dict[str, Any]]) -> list[str]:
+        """Put delivered commands in the local queue (a run id seen before is ignored)."""
         if commands:
             self.state.enqueue(
                 [
@@ -186,7 +189,16 @@ class AgentRuntime:
                 ]
             )
             self._work.set()
-        return len(commands)
+        return [str(c["run_id"]) for c in commands]
+
+    def _delivered(self, response: dict[str, Any]) -> list[str]:
+        """Work handed down the push socket: a check-in response, queued like one."""
+        if isinstance(response.get("server_time"), int | float):
+            self.client.clock_offset = float(response["server_time"]) - time.time()
+        commands = response.get("commands") or []
+        if not isinstance(commands, list):
+            return []
+        return self._enqueue(commands)
 
     def _after_rejection(
         self, exc: RequestRejected, results: list[dict[str, Any]], had_inventory: bool
@@ -451,6 +463,8 @@ class AgentRuntime:
                 state=self.state,
                 ca_pem=self.identity.ca_pem,
                 mqtt_ca_pem=self.mqtt_ca_pem,
+                on_work=self._delivered,
+                on_acked=self.state.mark_acked,
             )
             tasks.append(asyncio.create_task(self.push_channel.run(), name="push"))
         failures = 0

@@ -4,26 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from custos import protocol
-from custos.errors import Unauthorized
+from custos.devices.identity import DeviceAuth
+from custos.devices.schemas import CheckinRequest
+from custos.errors import DomainError, Unauthorized
 from custos.server.container import Services
 
 log = logging.getLogger(__name__)
 
 device_router = APIRouter(prefix=protocol.DEVICE_API, tags=["device protocol"])
 WAKE = '{"type":"wake"}'
+# the largest frame a device may send (an acknowledgement of 500 runs is ~17 KB)
+MAX_FRAME = 32 * 1024
 CLOSE_REFUSED = 4401
 
 
 @device_router.websocket("/push")
 async def push(ws: WebSocket) -> None:
-    """Verify the signed upgrade request, then send {"type":"wake"} whenever work is queued."""
+    """Verify the signed upgrade request, then tell the device whenever work is queued.
+
+    Plain (`/push`): a `{"type":"wake"}` frame, and the device checks in. With `?deliver=1`
+    the work itself comes down the socket as a check-in response, `{"type":"checkin",
+    "response":{…}}`, and the device acknowledges with `{"type":"ack","run_ids":[…]}`;
+    both go through the check-in's batched transactions, so a fan-out to thousands of
+    connected devices costs a few statements rather than a check-in per device.
+    """
     svc: Services = ws.app.state.services
     raw_path = ws.scope.get("raw_path") or ws.scope["path"].encode()
     qs = ws.scope.get("query_string", b"")
@@ -33,13 +46,14 @@ async def push(ws: WebSocket) -> None:
     except Unauthorized as exc:
         await _refuse(ws, exc)
         return
+    deliver = qs == b"deliver=1"
     # a device hears only its own nudges: the subscription is for the id it proved
     sub = svc.push.subscribe(auth.device_id)
     receiver: asyncio.Task[None] | None = None
     waiter: asyncio.Task[bool] | None = None
     try:
         await ws.accept()
-        receiver = asyncio.create_task(_drain(ws))
+        receiver = asyncio.create_task(_receive(ws, svc, auth, deliver))
         while True:
             waiter = asyncio.create_task(sub.event.wait())
             done, _ = await asyncio.wait({receiver, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -50,7 +64,10 @@ async def push(ws: WebSocket) -> None:
                 # retired while connected (a hub "status" event woke us): hang up
                 await ws.close(code=CLOSE_REFUSED, reason="retired")
                 break
-            await ws.send_text(WAKE)
+            if deliver:
+                await _deliver(ws, svc, auth, CheckinRequest(wake=True))
+            else:
+                await ws.send_text(WAKE)
     except (WebSocketDisconnect, OSError, RuntimeError):
         pass  # the device went away mid-send
     finally:
@@ -63,13 +80,37 @@ async def push(ws: WebSocket) -> None:
         )
 
 
-async def _drain(ws: WebSocket) -> None:
-    """Read (and ignore) what the device sends, until it disconnects."""
-    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+async def _deliver(ws: WebSocket, svc: Services, auth: DeviceAuth, req: CheckinRequest) -> None:
+    """Run a check-in on the device's behalf and send its answer if it hands out work."""
+    try:
+        body = await svc.checkin.checkin(auth, req)
+    except DomainError as exc:
+        log.info("push delivery to %s refused: %s", auth.device_id, exc.detail)
+        return
+    if b'"commands":[]' not in body:
+        await ws.send_text('{"type":"checkin","response":' + body.decode() + "}")
+
+
+async def _receive(ws: WebSocket, svc: Services, auth: DeviceAuth, deliver: bool) -> None:
+    """Read what the device sends until it disconnects: acknowledgements of delivered work."""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
         while True:
             msg = await ws.receive()
             if msg["type"] == "websocket.disconnect":
                 return
+            text = msg.get("text")
+            if not deliver or not text or len(text) > MAX_FRAME:
+                continue  # a plain push socket carries nothing from the device
+            try:
+                frame = json.loads(text)
+                if not isinstance(frame, dict) or frame.get("type") != "ack":
+                    continue
+                req = CheckinRequest.model_validate({"acks": frame.get("run_ids")})
+            except (ValueError, ValidationError):
+                continue  # malformed: ignored, the run is delivered again at a check-in
+            if req.acks:
+                # the answer may hand out work queued meanwhile
+                await _deliver(ws, svc, auth, req)
 
 
 class DenialLogFilter(logging.Filter):

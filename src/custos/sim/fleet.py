@@ -306,7 +306,9 @@ class SimFleet:
         self._checkin_path = url.raw_path.decode("ascii")
         self._enroll_url = self.server_url + protocol.DEVICE_API + "/enroll"
         self._session_url = self.server_url + protocol.SESSION_PATH
-        self._push_url = push_url(self.server_url)
+        # work comes down the socket and is acknowledged up it (the agent's way too)
+        self._push_path = PUSH_PATH + "?deliver=1"
+        self._push_url = push_url(self.server_url) + "?deliver=1"
         self._ssl: ssl.SSLContext | None = None
         self._queue: asyncio.Queue[SimDevice | None] | None = None
         self._seq = itertools.count()
@@ -624,7 +626,7 @@ class SimFleet:
             started = time.monotonic()
             try:
                 async with sem:
-                    headers = await self.auth_headers(dev, "GET", PUSH_PATH, b"")
+                    headers = await self.auth_headers(dev, "GET", self._push_path, b"")
                     ws = await connect(
                         self._push_url,
                         additional_headers=headers,
@@ -649,6 +651,8 @@ class SimFleet:
                         if msg in WAKE_MESSAGES:
                             dev.woken = True
                             self.wake(dev)
+                        elif isinstance(msg, str) and msg.startswith('{"type":"checkin"'):
+                            await self._delivered(dev, ws, msg)
             except asyncio.CancelledError:
                 raise
             except InvalidStatus as exc:
@@ -738,6 +742,30 @@ class SimFleet:
                 "remove": sorted(dev.pending_remove),
             }
         return payload
+
+    async def _delivered(self, dev: SimDevice, ws: Any, msg: str) -> None:
+        """Work handed down the push socket: run it, acknowledge it there, report later."""
+        received = time.perf_counter()
+        try:
+            resp = orjson.loads(msg)["response"]
+            commands = list(resp.get("commands") or ())
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            self._error(f"{dev.hostname}: malformed work frame")
+            return
+        for cmd in commands:
+            self._execute(dev, cmd)
+        run_ids = [str(c["run_id"]) for c in commands]
+        if not run_ids:
+            return
+        await ws.send(orjson.dumps({"type": "ack", "run_ids": run_ids}).decode())
+        acked = set(run_ids)
+        dev.acks = [r for r in dev.acks if r not in acked]
+        if self.observer is not None:
+            # took: from the frame's arrival to the acknowledgement sent
+            self.observer(
+                dev, {"acks": run_ids, "results": []}, resp, time.perf_counter() - received
+            )
+        self.wake(dev)  # the results go with a check-in
 
     async def auth_headers(
         self, dev: SimDevice, method: str, path_qs: str, body: bytes
