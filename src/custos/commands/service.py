@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -85,24 +86,7 @@ class CommandService:
             )
             s.add(cmd)
             await s.flush()
-            await s.execute(
-                insert(CommandRun),
-                [
-                    {
-                        "id": new_id(),
-                        "command_id": cmd.id,
-                        "device_id": d,
-                        "state": "queued",
-                        "deliveries": 0,
-                        "created_at": now,
-                        "stdout": "",
-                        "stderr": "",
-                        "truncated": False,
-                        "result": {},
-                    }
-                    for d in device_ids
-                ],
-            )
+            await _insert_runs(s, cmd.id, device_ids, now)
             command_id = cmd.id
             if req.not_before is None or req.not_before <= now:
                 # woken only once the runs are committed, or a quick agent would find nothing
@@ -142,24 +126,7 @@ class CommandService:
         await s.flush()
         ids = list(device_ids)
         if ids:
-            await s.execute(
-                insert(CommandRun),
-                [
-                    {
-                        "id": new_id(),
-                        "command_id": cmd.id,
-                        "device_id": d,
-                        "state": "queued",
-                        "deliveries": 0,
-                        "created_at": now,
-                        "stdout": "",
-                        "stderr": "",
-                        "truncated": False,
-                        "result": {},
-                    }
-                    for d in ids
-                ],
-            )
+            await _insert_runs(s, cmd.id, ids, now)
             uow.after_commit(lambda: self.push.nudge(ids))
         return cmd.id
 
@@ -557,3 +524,27 @@ async def _sha256_file(path: Path) -> str:
         return h.hexdigest()
 
     return await asyncio.to_thread(_hash)
+
+
+async def _insert_runs(
+    s: AsyncSession, command_id: str, device_ids: Sequence[str], now: datetime
+) -> None:
+    """One queued run per device (a single multi-row INSERT)."""
+    await s.execute(
+        insert(CommandRun),
+        [
+            {
+                "id": new_id(),
+                "command_id": command_id,
+                "device_id": d,
+                "state": "queued",
+                "deliveries": 0,
+                "created_at": now,
+                "stdout": "",
+                "stderr": "",
+                "truncated": False,
+                "result": {},
+            }
+            for d in device_ids
+        ],
+    )
