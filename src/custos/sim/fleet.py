@@ -626,7 +626,11 @@ class SimFleet:
             started = time.monotonic()
             try:
                 async with sem:
-                    headers = await self.auth_headers(dev, "GET", self._push_path, b"")
+                    # once per connection, as the agent does: the device key, no session
+                    # (a reconnect storm must not first open thousands of sessions)
+                    headers = await self.auth_headers(
+                        dev, "GET", self._push_path, b"", session=False
+                    )
                     ws = await connect(
                         self._push_url,
                         additional_headers=headers,
@@ -768,7 +772,7 @@ class SimFleet:
         self.wake(dev)  # the results go with a check-in
 
     async def auth_headers(
-        self, dev: SimDevice, method: str, path_qs: str, body: bytes
+        self, dev: SimDevice, method: str, path_qs: str, body: bytes, *, session: bool = True
     ) -> dict[str, str]:
         """The headers that prove the device's identity for one request.
 
@@ -777,10 +781,13 @@ class SimFleet:
         async so that a scheme needing a round trip (e.g. fetching a session key) fits in.
         """
         assert dev.key is not None
-        session = await self._session_of(dev)
+        if not session:
+            ts = int(time.time() + self._clock_offset)
+            return protocol.sign_request(dev.key, dev.device_id, method, path_qs, body, ts)
+        session_key = await self._session_of(dev)
         ts = int(time.time() + self._clock_offset)
         return protocol.sign_with_session(
-            session[1], session[0], dev.device_id, method, path_qs, body, ts
+            session_key[1], session_key[0], dev.device_id, method, path_qs, body, ts
         )
 
     async def open_sessions(
