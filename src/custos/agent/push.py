@@ -55,6 +55,35 @@ def backoff_delay(failures: int) -> float:
     return base * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not secrecy
 
 
+async def keep_connected(
+    listener: PushListener | MqttListener,
+    refused: Callable[[Exception], str | None],
+    what: str,
+) -> None:
+    """Run `listener._listen_once` forever: jittered backoff after a failure, a long pause
+    after a refusal (`refused` returns the warning to log, or None for a plain failure)."""
+    failures = 0
+    while True:
+        started = time.monotonic()
+        try:
+            await listener._listen_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            warning = refused(exc)
+            if warning is not None:
+                log.warning("%s", warning)
+                await asyncio.sleep(REFUSED_PAUSE_S * random.uniform(0.9, 1.1))  # noqa: S311
+                continue
+            log.info("%s failed or lost: %s: %s", what, type(exc).__name__, exc)
+        finally:
+            listener.connected = False
+        failures = 1 if time.monotonic() - started >= STABLE_S else failures + 1
+        delay = backoff_delay(failures)
+        log.debug("%s: reconnecting in %.1fs", what, delay)
+        await asyncio.sleep(delay)
+
+
 class PushListener:
     """Keeps one WebSocket open and calls `on_wake` for every nudge (and after each connect)."""
 
@@ -91,29 +120,15 @@ class PushListener:
         """Connect, listen, reconnect with backoff; until cancelled."""
         from websockets.exceptions import InvalidStatus
 
-        failures = 0
-        while True:
-            started = time.monotonic()
-            try:
-                await self._listen_once()
-            except asyncio.CancelledError:
-                raise
-            except InvalidStatus as exc:
+        def refused(exc: Exception) -> str | None:
+            if isinstance(exc, InvalidStatus):
                 status = exc.response.status_code
                 if status in (401, 403) and b"clock_skew" not in (exc.response.body or b""):
                     # the check-in path reports the refusal (and a retired device's exit)
-                    log.warning("push refused (HTTP %d); not retrying for a while", status)
-                    await asyncio.sleep(REFUSED_PAUSE_S * random.uniform(0.9, 1.1))  # noqa: S311
-                    continue
-                log.info("push connection refused (HTTP %d)", status)
-            except Exception as exc:
-                log.info("push connection failed or lost: %s: %s", type(exc).__name__, exc)
-            finally:
-                self.connected = False
-            failures = 1 if time.monotonic() - started >= STABLE_S else failures + 1
-            delay = backoff_delay(failures)
-            log.debug("push: reconnecting in %.1fs", delay)
-            await asyncio.sleep(delay)
+                    return f"push refused (HTTP {status}); not retrying for a while"
+            return None
+
+        await keep_connected(self, refused, "push connection")
 
     async def _listen_once(self) -> None:
         from websockets.asyncio.client import connect
@@ -286,30 +301,17 @@ class MqttListener:
         """Connect, listen, reconnect with backoff; until cancelled."""
         from aiomqtt import MqttCodeError
 
-        failures = 0
-        while True:
-            started = time.monotonic()
-            try:
-                await self._listen_once()
-            except asyncio.CancelledError:
-                raise
-            except (_Refused, MqttCodeError) as exc:
-                rc = getattr(exc, "rc", None)
-                if isinstance(exc, _Refused) or getattr(rc, "value", rc) in MQTT_REFUSED:
-                    # refused for good (retired, not in the broker's ACL): the check-in
-                    # path reports what the server thinks; retrying often only adds noise
-                    log.warning("push: the MQTT broker refused this device (%s); pausing", exc)
-                    await asyncio.sleep(REFUSED_PAUSE_S * random.uniform(0.9, 1.1))  # noqa: S311
-                    continue
-                log.info("push (MQTT) failed or lost: %s", exc)
-            except Exception as exc:
-                log.info("push (MQTT) failed or lost: %s: %s", type(exc).__name__, exc)
-            finally:
-                self.connected = False
-            failures = 1 if time.monotonic() - started >= STABLE_S else failures + 1
-            delay = backoff_delay(failures)
-            log.debug("push: reconnecting to the MQTT broker in %.1fs", delay)
-            await asyncio.sleep(delay)
+        def refused(exc: Exception) -> str | None:
+            rc = getattr(exc, "rc", None)
+            if isinstance(exc, _Refused) or (
+                isinstance(exc, MqttCodeError) and getattr(rc, "value", rc) in MQTT_REFUSED
+            ):
+                # refused for good (retired, not in the broker's ACL): the check-in path
+                # reports what the server thinks; retrying often only adds noise
+                return f"push: the MQTT broker refused this device ({exc}); pausing"
+            return None
+
+        await keep_connected(self, refused, "push (MQTT)")
 
     async def _listen_once(self) -> None:
         import aiomqtt
