@@ -9,10 +9,10 @@ certificate and may read only `<prefix>/<its id>`.
 `MqttPush` wraps the hub the database implies (in-process on SQLite, NOTIFY on
 PostgreSQL), which still carries the events that keep every process's caches coherent and
 still wakes the WebSocket of agents that do not know about MQTT. The broker adds one
-publish per device woken, sent by the process that queued the work, and only once that
-process has heard its own "work" event come back through the inner hub: by then every
-process has been told, so a device woken at once and checking in at any process finds its
-work (otherwise a process whose work index has not heard yet would answer "nothing").
+publish per device woken, sent by the process that queued the work, once the inner hub
+has dispatched that process's own "work" event (the hubs now do that at once). A device
+woken this way checks in with `"wake": true`, so a process whose work index has not heard
+of the work yet still looks in the database.
 
 The broker is not essential to serve: if it is down the server starts and runs, logs at
 warning and reconnects with jittered backoff; devices get their work at their next check-in.
