@@ -74,6 +74,7 @@ def main() -> None:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,
+        ws="websockets-sansio",
         **ssl,
     )
 

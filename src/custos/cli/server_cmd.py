@@ -87,6 +87,7 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,
+        ws="websockets-sansio",
         **ssl,
     )
 

@@ -91,13 +91,33 @@ def decode_event(payload: str) -> Event | None:
 
 
 class Subscription:
-    """One listener for one device's nudges: `event` is set when the device should check in."""
+    """One listener for one device's nudges.
 
-    __slots__ = ("device_id", "event")
+    With `on_wake` the hub calls it (in the event loop) when the device should check in;
+    without, it sets `event`. The push route uses the callback so that an idle socket costs
+    no task of its own besides the one reading from it (memory per connection, B4).
+    """
 
-    def __init__(self, device_id: str) -> None:
+    __slots__ = ("_event", "device_id", "on_wake")
+
+    def __init__(self, device_id: str, on_wake: Callable[[], None] | None = None) -> None:
         self.device_id = device_id
-        self.event = asyncio.Event()
+        self.on_wake = on_wake
+        self._event: asyncio.Event | None = None
+
+    @property
+    def event(self) -> asyncio.Event:
+        """Set on every wake (made on first use)."""
+        if self._event is None:
+            self._event = asyncio.Event()
+        return self._event
+
+    def wake(self) -> None:
+        """Tell the listener."""
+        if self.on_wake is not None:
+            self.on_wake()
+        else:
+            self.event.set()
 
 
 class PushHub(Protocol):
@@ -128,7 +148,7 @@ class PushHub(Protocol):
     def wake_local(self, device_ids: Iterable[str]) -> None:
         """Wake this process's own subscribers of these devices."""
 
-    def subscribe(self, device_id: str) -> Subscription:
+    def subscribe(self, device_id: str, on_wake: Callable[[], None] | None = None) -> Subscription:
         """Listen for one device's nudges in this process."""
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -174,9 +194,9 @@ class _LocalSubscribers:
             except Exception:
                 log.exception("push: resync callback failed")
 
-    def subscribe(self, device_id: str) -> Subscription:
+    def subscribe(self, device_id: str, on_wake: Callable[[], None] | None = None) -> Subscription:
         """Listen for one device's nudges in this process."""
-        sub = Subscription(device_id)
+        sub = Subscription(device_id, on_wake)
         self._subs.setdefault(device_id, set()).add(sub)
         return sub
 
@@ -200,13 +220,13 @@ class _LocalSubscribers:
     def wake_local(self, device_ids: Iterable[str]) -> None:
         """Wake this process's own subscribers of these devices."""
         for d in device_ids:
-            for sub in self._subs.get(d, ()):
-                sub.event.set()
+            for sub in tuple(self._subs.get(d, ())):
+                sub.wake()
 
     def _wake_all(self) -> None:
-        for subs in self._subs.values():
-            for sub in subs:
-                sub.event.set()
+        for subs in list(self._subs.values()):
+            for sub in tuple(subs):
+                sub.wake()
 
 
 class MemoryPush(_LocalSubscribers):

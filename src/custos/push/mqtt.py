@@ -262,9 +262,9 @@ class MqttPush:
         """Resyncs come from the inner hub."""
         self.inner.on_resync(callback)
 
-    def subscribe(self, device_id: str) -> Subscription:
+    def subscribe(self, device_id: str, on_wake: Callable[[], None] | None = None) -> Subscription:
         """A WebSocket subscriber (agents that do not use MQTT)."""
-        return self.inner.subscribe(device_id)
+        return self.inner.subscribe(device_id, on_wake)
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Stop listening."""

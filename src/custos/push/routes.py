@@ -47,37 +47,58 @@ async def push(ws: WebSocket) -> None:
         await _refuse(ws, exc)
         return
     deliver = qs == b"deliver=1"
+    # one task per idle socket (this one, reading); a wake starts a short-lived sender
+    sender = _Sender(ws, svc, auth, deliver)
     # a device hears only its own nudges: the subscription is for the id it proved
-    sub = svc.push.subscribe(auth.device_id)
-    receiver: asyncio.Task[None] | None = None
-    waiter: asyncio.Task[bool] | None = None
+    sub = svc.push.subscribe(auth.device_id, sender.wake)
     try:
         await ws.accept()
-        receiver = asyncio.create_task(_receive(ws, svc, auth, deliver))
-        while True:
-            waiter = asyncio.create_task(sub.event.wait())
-            done, _ = await asyncio.wait({receiver, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if receiver in done:
-                break
-            sub.event.clear()
-            if await svc.authenticator.status(auth.device_id) != "active":
-                # retired while connected (a hub "status" event woke us): hang up
-                await ws.close(code=CLOSE_REFUSED, reason="retired")
-                break
-            if deliver:
-                await _deliver(ws, svc, auth, CheckinRequest(wake=True))
-            else:
-                await ws.send_text(WAKE)
+        await _receive(ws, svc, auth, deliver)
     except (WebSocketDisconnect, OSError, RuntimeError):
         pass  # the device went away mid-send
     finally:
         svc.push.unsubscribe(sub)
-        for t in (receiver, waiter):
-            if t is not None:
-                t.cancel()
-        await asyncio.gather(
-            *(t for t in (receiver, waiter) if t is not None), return_exceptions=True
-        )
+        await sender.cancel()
+
+
+class _Sender:
+    """Sends what a wake calls for; at most one send loop runs per socket."""
+
+    __slots__ = ("again", "auth", "deliver", "svc", "task", "ws")
+
+    def __init__(self, ws: WebSocket, svc: Services, auth: DeviceAuth, deliver: bool) -> None:
+        self.ws, self.svc, self.auth, self.deliver = ws, svc, auth, deliver
+        self.task: asyncio.Task[None] | None = None
+        self.again = False
+
+    def wake(self) -> None:
+        """Called by the hub: start the send loop, or have the running one go round again."""
+        if self.task is None or self.task.done():
+            self.again = False
+            self.task = asyncio.create_task(self._run())
+        else:
+            self.again = True
+
+    async def _run(self) -> None:
+        with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):
+            while True:
+                if await self.svc.authenticator.status(self.auth.device_id) != "active":
+                    # retired while connected (a hub "status" event woke us): hang up
+                    await self.ws.close(code=CLOSE_REFUSED, reason="retired")
+                    return
+                if self.deliver:
+                    await _deliver(self.ws, self.svc, self.auth, CheckinRequest(wake=True))
+                else:
+                    await self.ws.send_text(WAKE)
+                if not self.again:
+                    return
+                self.again = False
+
+    async def cancel(self) -> None:
+        """Stop a send in progress (the socket is gone)."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
 
 
 async def _deliver(ws: WebSocket, svc: Services, auth: DeviceAuth, req: CheckinRequest) -> None:
