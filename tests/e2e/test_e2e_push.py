@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import shutil
+import socket
 import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import pytest
 from e2e_harness import E2E, AgentProcess, ServerProcess, signed_headers, wait_for
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -207,3 +211,54 @@ def test_work_is_delivered_and_acknowledged_on_the_socket(e2e: E2E) -> None:
     assert run["state"] == "succeeded", run
     assert elapsed < WAKE_BUDGET_S
     assert "delivered on the socket" in a.log_path.read_text(errors="replace")
+
+
+def _silent_push_socket(e2e: E2E, agent: AgentProcess) -> ssl.SSLSocket:
+    """A device that upgrades to a push socket and then never reads again (a stuck peer)."""
+    ctx = ssl.create_default_context(cafile=str(e2e.root / "ca.pem"))
+    port = int(e2e.url.rsplit(":", 1)[1])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {PUSH} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{k}: {v}" for k, v in _signed(agent).items()),
+    ]
+    tls.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += tls.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head[:200]
+    return tls
+
+
+def test_sigterm_does_not_wait_for_peers_that_never_close(e2e: E2E) -> None:
+    """A stuck TLS peer cannot hold a restart for the graceful-shutdown timeout (10 s)."""
+    agent = e2e.agent("push-stuck")
+    stuck = [_silent_push_socket(e2e, agent) for _ in range(3)]
+    # and an idle keep-alive HTTP connection
+    ctx = ssl.create_default_context(cafile=str(e2e.root / "ca.pem"))
+    idle = httpx.Client(verify=ctx)
+    assert idle.get(e2e.url + "/healthz").status_code == 200
+    try:
+        server = e2e.server
+        assert server.proc is not None
+        t0 = time.monotonic()
+        server.proc.terminate()
+        server.proc.wait(15)
+        elapsed = time.monotonic() - t0
+        # uvicorn re-raises the SIGTERM it caught once it has shut down
+        assert server.proc.returncode in (0, -15), server.log_tail()
+        assert elapsed < 5.0, f"shutdown took {elapsed:.1f}s"
+        assert "timeout graceful shutdown exceeded" not in server.log_tail()
+        assert "Traceback" not in server.log_tail()
+    finally:
+        idle.close()
+        for s in stuck:
+            s.close()
+    server.start()  # the fixture expects a running server

@@ -75,6 +75,8 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
         host = settings.host if ":" not in settings.host else f"[{settings.host}]"
         err.print(f"Custos listening on {scheme}://{host}:{settings.port}")
         err.print(f"CA fingerprint: {boot.ca.fingerprint}")
+    from custos.server.protocols import DrainingHttpProtocol, DrainingWebSocketProtocol
+
     export_settings(settings)
     uvicorn.run(
         "custos.server.app:app_from_env",
@@ -83,11 +85,11 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
         port=settings.port,
         workers=settings.workers if settings.workers > 1 else None,
         loop="uvloop",
-        http="httptools",
+        http=DrainingHttpProtocol,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,
-        ws="websockets-sansio",
+        ws=DrainingWebSocketProtocol,
         **ssl,
     )
 
