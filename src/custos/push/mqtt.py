@@ -10,9 +10,9 @@ certificate and may read only `<prefix>/<its id>`.
 PostgreSQL), which still carries the events that keep every process's caches coherent and
 still wakes the WebSocket of agents that do not know about MQTT. The broker adds one
 publish per device woken, sent by the process that queued the work, once the inner hub
-has dispatched that process's own "work" event (the hubs now do that at once). A device
-woken this way checks in with `"wake": true`, so a process whose work index has not heard
-of the work yet still looks in the database.
+publish per device woken, sent by the process that queued the work, right after the commit.
+A device woken this way checks in with `"wake": true`, so a process whose work index has
+not heard of the work yet still looks in the database: there is nothing to wait for.
 
 The broker is not essential to serve: if it is down the server starts and runs, logs at
 warning and reconnects with jittered backoff; devices get their work at their next check-in.
@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
-from custos.push.hub import Event, EventKind, Listener, PushHub, Subscription
+from custos.push.hub import EventKind, Listener, PushHub, Subscription
 from custos.push.schemas import PushDescriptor
 
 if TYPE_CHECKING:
@@ -53,8 +53,6 @@ PUBLISH_TIMEOUT_S = 10.0
 # while the broker is down, remember at most this many devices to nudge (~100 bytes each);
 # beyond it nudges are dropped: those devices get their work at their next check-in
 MAX_PENDING = 200_000
-# a nudge whose own event has not come back after this long is published anyway
-AWAIT_EVENT_S = 2.0
 # what the broker may send us: wake messages are a few bytes
 MAX_PACKET_BYTES = 4096
 MAX_URL_CHARS = 512
@@ -144,9 +142,6 @@ class MqttPush:
         self.keepalive_s = keepalive_s
         self.client_id = f"custos-server-{secrets.token_hex(6)}"
         self._pending: set[str] = set()
-        # nudged here, published once the inner hub's event for them comes back
-        self._awaiting: dict[str, float] = {}
-        inner.listen(self._on_event)
         self._kick = asyncio.Event()
         self._up = asyncio.Event()
         self._tried = asyncio.Event()
@@ -212,8 +207,6 @@ class MqttPush:
     async def stop(self) -> None:
         """Send what is queued (briefly), disconnect, stop reconnecting; stop the inner hub."""
         self._stopping = True
-        self._queue(list(self._awaiting))
-        self._awaiting.clear()
         self._kick.set()
         task, self._task = self._task, None
         if task is not None:
@@ -234,15 +227,15 @@ class MqttPush:
     def nudge(self, device_ids: Iterable[str]) -> None:
         """Wake these devices: an event to every process, and a publish to each device's topic."""
         ids = list(device_ids)
-        self._await(ids)  # first: an in-process inner hub dispatches the event at once
         self.inner.nudge(ids)
+        self._queue(ids)
 
     def announce(self, kind: EventKind, device_ids: Iterable[str], at: float | None = None) -> None:
         """Tell every process about an event; work due now is also published to the devices."""
         ids = list(device_ids)
-        if kind == "work":
-            self._await(ids)
         self.inner.announce(kind, ids, at)
+        if kind == "work":
+            self._queue(ids)
 
     def wake_local(self, device_ids: Iterable[str]) -> None:
         """Wake these devices (deferred work that became due).
@@ -269,30 +262,6 @@ class MqttPush:
     def unsubscribe(self, sub: Subscription) -> None:
         """Stop listening."""
         self.inner.unsubscribe(sub)
-
-    def _await(self, ids: list[str]) -> None:
-        """Publish these once every process has heard of their work (see the module doc)."""
-        if not self.inner.coherent or len(self._awaiting) + len(ids) > MAX_PENDING:
-            # events are not flowing: check-ins query the database, so publish at once
-            self._queue(ids)
-            return
-        now = time.monotonic()
-        for d in ids:
-            self._awaiting.setdefault(d, now)
-        self._kick.set()  # the sender then looks at the clock while some are waiting
-
-    def _on_event(self, event: Event) -> None:
-        if event.kind == "work" and self._awaiting:
-            ready = [d for d in event.device_ids if self._awaiting.pop(d, None) is not None]
-            self._queue(ready)
-
-    def _release_stale(self) -> None:
-        """Publish nudges whose event never came back (lost with a dropped connection)."""
-        limit = time.monotonic() - AWAIT_EVENT_S
-        stale = [d for d, t in self._awaiting.items() if t <= limit]
-        for d in stale:
-            del self._awaiting[d]
-        self._queue(stale)
 
     def _queue(self, ids: list[str]) -> None:
         if not ids:
@@ -395,16 +364,10 @@ class MqttPush:
     async def _send(self, client: aiomqtt.Client) -> None:
         """Publish queued nudges; returns once stopping with nothing left to send."""
         while True:
-            if self._awaiting:
-                self._release_stale()
             if not self._pending:
                 if self._stopping:
                     return
-                with contextlib.suppress(TimeoutError):
-                    # woken by a nudge; while some await their event, look again soon
-                    await asyncio.wait_for(
-                        self._kick.wait(), AWAIT_EVENT_S / 4 if self._awaiting else None
-                    )
+                await self._kick.wait()
                 self._kick.clear()
                 continue
             ids, self._pending = self._pending, set()
