@@ -86,6 +86,27 @@ class DeviceClient:
         """Close connections."""
         await self._http.aclose()
 
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The underlying HTTP client (pinned CA, base URL), for streaming requests."""
+        return self._http
+
+    async def signed_headers(self, method: str, path_qs: str, body: bytes = b"") -> dict[str, str]:
+        """Headers proving this device sent `method path_qs body` (session HMAC or Ed25519).
+
+        `path_qs` is the path with query exactly as it goes on the wire (including any path
+        prefix of the base URL). Opens or renews the session when needed.
+        """
+        ts = int(time.time() + self.clock_offset)
+        # the session itself must be opened with the device key
+        opening = path_qs.split("?", 1)[0].endswith(protocol.SESSION_PATH)
+        session = None if opening else await self._current_session()
+        if session is not None:
+            return protocol.sign_with_session(
+                session[1], session[0], self.device_id, method, path_qs, body, ts
+            )
+        return protocol.sign_request(self.key, self.device_id, method, path_qs, body, ts)
+
     async def request(
         self,
         method: str,
@@ -102,15 +123,7 @@ class DeviceClient:
         retried_clock = retried_session = False
         while True:
             url = httpx.URL(self.base_url + path, params=params)
-            path_qs = url.raw_path.decode("ascii")
-            ts = int(time.time() + self.clock_offset)
-            session = await self._current_session() if path != protocol.SESSION_PATH else None
-            if session is not None:
-                headers = protocol.sign_with_session(
-                    session[1], session[0], self.device_id, method, path_qs, body, ts
-                )
-            else:
-                headers = protocol.sign_request(self.key, self.device_id, method, path_qs, body, ts)
+            headers = await self.signed_headers(method, url.raw_path.decode("ascii"), body)
             headers["content-type"] = content_type
             try:
                 resp = await self._http.request(method, url, content=body, headers=headers)
