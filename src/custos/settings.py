@@ -77,6 +77,20 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 64 * 1024 * 1024
     max_output_bytes: int = 1024 * 1024
     max_commands_per_checkin: int = 50
+    max_package_bytes: int = Field(
+        default=4 * 1024**3, ge=1024, description="largest package upload (streamed to disk)"
+    )
+
+    # software distribution
+    artifact_dir: Path | None = Field(
+        default=None, description="artifact store directory (default DATA_DIR/artifacts)"
+    )
+    software_tick_s: float = Field(
+        default=2.0, gt=0, le=3600, description="how often rollouts advance and send waves"
+    )
+    software_refresh_s: float = Field(
+        default=30.0, gt=0, le=86400, description="how often group and label targets are re-read"
+    )
 
     api_token_ttl_s: int = 12 * 3600
 

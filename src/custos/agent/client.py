@@ -130,7 +130,7 @@ class DeviceClient:
             except httpx.HTTPError as exc:
                 raise ServerError(f"{type(exc).__name__}: {exc}") from exc
             if resp.status_code < 300:
-                return resp.json()
+                return resp.json() if resp.content else None
             code, detail = _error_of(resp)
             if resp.status_code == 401 and code == "clock_skew" and not retried_clock:
                 server_time = resp.headers.get(protocol.H_SERVER_TIME)

@@ -21,6 +21,7 @@ from custos.agent.client import DeviceClient, RequestRejected, ServerError, Serv
 from custos.agent.executor import run_process, script_argv
 from custos.agent.identity import Identity
 from custos.agent.inventory import collect_inventory, inventory_delta
+from custos.agent.software import SoftwareManager, SoftwareStore
 from custos.agent.state import AgentState, QueuedCommand
 from custos.agent.tasks import TaskScheduler, TaskStore
 
@@ -92,6 +93,19 @@ class AgentRuntime:
             work_dir=state.dir / "tmp",
             on_result=self._task_result_ready,
         )
+        self.software = SoftwareManager(
+            SoftwareStore(state._db),
+            self.client,
+            ca_pem=identity.ca_pem,
+            work_dir=state.dir / "software",
+            server_now=self.server_now,
+            on_change=self._software_changed,
+        )
+
+    def _software_changed(self) -> None:
+        """Something was installed or removed: send the inventory at the next check-in, now."""
+        self._inventory_due = 0.0
+        self._wake.set()
 
     # --- settings ---
 
@@ -111,6 +125,9 @@ class AgentRuntime:
         if time.monotonic() < self._inventory_due and not self._full_inventory:
             return None, None
         current = await asyncio.to_thread(self.collect)
+        # what Custos deployments installed, so labels and reports can ask for it
+        for pkg_name, pkg_version in self.software.store.all_installed().items():
+            current[f"custos.pkg.{pkg_name}"] = pkg_version
         acked_raw = self.state.get("inventory_acked")
         version = int(self.state.get("inventory_version") or "0")
         if acked_raw is None or version <= 0 or self._full_inventory:
@@ -330,6 +347,8 @@ class AgentRuntime:
             return await self._collect(cmd.run_id, p)
         if cmd.kind in ("schedule", "unschedule"):
             return self.tasks.handle(cmd.kind, p)
+        if cmd.kind == "software":
+            return self.software.handle(p)
         return {
             "state": "rejected",
             "error": f"this agent does not know the command kind {cmd.kind!r}",
@@ -453,7 +472,11 @@ class AgentRuntime:
         """Check in at the interval (with jitter), back off on errors, until stop is set."""
         self.recover()
         worker = asyncio.create_task(self._worker(stop))
-        tasks = [worker, asyncio.create_task(self.tasks.run_forever(stop), name="tasks")]
+        tasks = [
+            worker,
+            asyncio.create_task(self.tasks.run_forever(stop), name="tasks"),
+            asyncio.create_task(self.software.run_forever(stop), name="software"),
+        ]
         if self.push:
             from custos.agent.push import PushChannel
 

@@ -9,7 +9,7 @@ from custos import __version__
 
 def build_app() -> typer.Typer:
     """The Typer application with every command group registered."""
-    from custos.cli import admin_cmds, agent_cmd, demo_cmd, server_cmd, task_cmds
+    from custos.cli import admin_cmds, agent_cmd, demo_cmd, server_cmd, software_cmds, task_cmds
 
     app = typer.Typer(
         help="Custos device management: server, agent and admin commands.",
@@ -26,6 +26,7 @@ def build_app() -> typer.Typer:
     server_cmd.register(app)
     admin_cmds.register(app)
     task_cmds.register(app)
+    software_cmds.register(app)
     agent_cmd.register(app)
     demo_cmd.register(app)
     return app

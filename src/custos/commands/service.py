@@ -106,14 +106,18 @@ class CommandService:
         target: str,
         device_ids: Sequence[str],
         created_by: str,
+        not_before: datetime | None = None,
     ) -> str:
-        """Queue one command, due now, with a run per device inside the caller's transaction.
+        """Queue one command with a run per device inside the caller's transaction.
 
-        Used by other services (scheduled tasks deliver their definitions this way); like
-        create(), the devices are nudged only after the commit.
+        Used by other services (scheduled tasks deliver their definitions this way, software
+        deployments their work); like create(), the devices are told only after the commit:
+        a nudge when it is due now, else every process's work index learns when it will be.
         """
         s = uow.session
         now = utcnow()
+        if not_before is not None and not_before <= now:
+            not_before = None
         cmd = Command(
             id=new_id(),
             kind=kind,
@@ -121,13 +125,18 @@ class CommandService:
             target=target,
             created_by=created_by,
             created_at=now,
+            not_before=not_before,
         )
         s.add(cmd)
         await s.flush()
         ids = list(device_ids)
         if ids:
             await _insert_runs(s, cmd.id, ids, now)
-            uow.after_commit(lambda: self.push.nudge(ids))
+            if not_before is None:
+                uow.after_commit(lambda: self.push.nudge(ids))
+            else:
+                due_at = not_before.timestamp()
+                uow.after_commit(lambda: self.push.announce("later", ids, due_at))
         return cmd.id
 
     async def list_commands(self, *, limit: int, offset: int) -> list[CommandOut]:

@@ -10,6 +10,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -107,6 +108,12 @@ class CertificateAuthority:
             serialization.PrivateFormat.PKCS8,
             serialization.BestAvailableEncryption(passphrase),
         ).decode()
+
+    def sign_package(self, descriptor: dict[str, Any]) -> str:
+        """The CA's signature over a package descriptor (agents verify it before installing)."""
+        from custos.packaging.signing import sign_descriptor
+
+        return sign_descriptor(self._key, descriptor)
 
     def derive_secret(self, label: str) -> bytes:
         """A 32-byte secret for `label`, the same in every process that holds this CA.

@@ -23,6 +23,7 @@ from custos.server.fastpath import CheckinFastPath
 from custos.server.http import RequestGuard, install_error_handlers
 from custos.server.jobs import JobRunner
 from custos.settings import Settings
+from custos.software import routes as software_routes
 from custos.tasks import routes as task_routes
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
         jobs.every(30, "expire-commands", svc.commands.expire_overdue)
         jobs.every(1, "wake-deferred-work", svc.work.tick)
         jobs.every(settings.cache_resync_s, "resync-caches", svc.resync_caches)
+        jobs.every(settings.software_tick_s, "advance-rollouts", svc.software.tick)
         await push.start()
         await svc.resync_caches()
         jobs.start()
@@ -73,7 +75,11 @@ def create_app(settings: Settings) -> FastAPI:
     logging.getLogger("uvicorn.error").addFilter(push_routes.DENIAL_LOG_FILTER)
     # the last added is the outermost: the guard's URL and body limits apply to the fast path
     app.add_middleware(CheckinFastPath)
-    app.add_middleware(RequestGuard, limit=settings.max_body_bytes)
+    app.add_middleware(
+        RequestGuard,
+        limit=settings.max_body_bytes,
+        larger=[(software_routes.PACKAGES_PATH, settings.max_package_bytes)],
+    )
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz(request: Request) -> JSONResponse:
@@ -93,6 +99,8 @@ def create_app(settings: Settings) -> FastAPI:
         command_routes.admin_router,
         command_routes.device_router,
         task_routes.admin_router,
+        software_routes.admin_router,
+        software_routes.device_router,
         push_routes.device_router,
     ):
         app.include_router(r)

@@ -18,6 +18,9 @@ from custos.devices.identity import DeviceAuthenticator
 from custos.devices.service import DeviceService, EnrollmentService
 from custos.push.hub import Event, PushHub
 from custos.settings import Settings
+from custos.software.service import SoftwareService
+from custos.software.store import LocalArtifactStore
+from custos.software.transfer import TransferPlanner
 from custos.tasks.service import TaskService
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ class Services:
     push: PushHub
     work: WorkIndex
     tasks: TaskService
+    software: SoftwareService
 
     @classmethod
     def build(
@@ -76,6 +80,16 @@ class Services:
         commands = CommandService(
             db, settings.data_dir / "uploads", settings.max_output_bytes, push=push
         )
+        store = LocalArtifactStore(settings.artifact_dir or settings.data_dir / "artifacts")
+        software = SoftwareService(
+            db,
+            store,
+            TransferPlanner(store),
+            ca,
+            commands,
+            tmp_dir=settings.data_dir / "tmp",
+            refresh_s=settings.software_refresh_s,
+        )
         return cls(
             settings=settings,
             db=db,
@@ -96,6 +110,7 @@ class Services:
             push=push,
             work=work,
             tasks=TaskService(db, commands),
+            software=software,
         )
 
     async def resync_caches(self) -> None:

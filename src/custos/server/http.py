@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -94,14 +95,21 @@ def parse_body(model: type[M], raw: bytes) -> M:
 class RequestGuard:
     """Refuses URLs with NUL characters (422) and bodies over the limit (413, announced or not)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, larger: Sequence[tuple[str, int]] = ()) -> None:
         self.app = app
-        self.limit = limit
+        self.default_limit = limit
+        # (path prefix, limit): uploads that stream to disk (packages) may be larger
+        self.larger = tuple(larger)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        limit = next((n for p, n in self.larger if path.startswith(p)), self.default_limit)
+        await self._guard(scope, receive, send, limit)
+
+    async def _guard(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
             await _send_error(
                 send, 422, "invalid_request", "NUL characters are not allowed in URLs"
@@ -110,11 +118,11 @@ class RequestGuard:
         for k, v in scope["headers"]:
             if k == b"content-length":
                 try:
-                    too_big = int(v) > self.limit
+                    too_big = int(v) > limit
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await _send_413(send, self.limit)
+                    await _send_413(send, limit)
                     return
         seen = 0
         started = False
@@ -125,11 +133,11 @@ class RequestGuard:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     # answer now: frameworks turn errors raised while reading into their own 400
                     if not started and not refused:
                         refused = True
-                        await _send_413(send, self.limit)
+                        await _send_413(send, limit)
                     raise _BodyTooLarge
             return msg
 

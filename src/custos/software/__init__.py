@@ -1,0 +1,1 @@
+"""Software distribution: packages, artifact store, transfers, deployments and rollouts."""
