@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -158,6 +159,103 @@ def register(app: typer.Typer) -> None:
             raise
         finally:
             state.close()
+
+    def _device_call(state_dir: Path | None, method: str, path: str, body: bytes = b"") -> Any:
+        from custos.agent.client import DeviceClient, RequestRejected, ServerError, ServerRefused
+        from custos.agent.identity import EnrollError, load_identity
+        from custos.agent.state import AgentState
+
+        sd = state_dir or default_state_dir()
+        if not (sd / "agent.db").exists():
+            err.print(f"[red]error:[/] no agent state in {sd}; run `custos agent enroll` first")
+            raise typer.Exit(1)
+        state = AgentState(sd)
+        try:
+            ident = load_identity(state)
+        except EnrollError as exc:
+            err.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from None
+        finally:
+            state.close()
+
+        async def call() -> Any:
+            client = DeviceClient(ident.server_url, ident.device_id, ident.key, ca_pem=ident.ca_pem)
+            try:
+                return await client.request(method, path, body=body)
+            finally:
+                await client.aclose()
+
+        try:
+            return asyncio.run(call())
+        except (RequestRejected, ServerRefused) as exc:
+            err.print(f"[red]error:[/] {exc.detail}")
+            raise typer.Exit(1) from None
+        except ServerError as exc:
+            err.print(f"[red]error:[/] cannot reach the server: {exc}")
+            raise typer.Exit(1) from None
+
+    @agent.command("catalog")
+    def catalog_cmd(
+        state_dir: Path = typer.Option(None, "--state-dir"),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Packages offered to this device (self-service)."""
+        from rich.table import Table
+
+        data = _device_call(state_dir, "GET", "/api/device/v1/software/catalog")
+        pkgs = data.get("packages") or []
+        if as_json:
+            typer.echo(json.dumps(pkgs, indent=2))
+            return
+        if not pkgs:
+            err.print("Nothing is offered to this device.")
+            return
+        t = Table("NAME", "VERSION", "FORMAT", "SIZE", "STATE", "DESCRIPTION")
+        for p in pkgs:
+            t.add_row(
+                str(p["name"]), str(p["version"]), str(p["format"]),
+                f"{int(p['size']) / 1024:.0f} KiB", str(p["state"]), str(p["description"])[:60],
+            )  # fmt: skip
+        Console(soft_wrap=True).print(t)
+
+    @agent.command("install")
+    def install_cmd(
+        name: str = typer.Argument(..., metavar="NAME"),
+        state_dir: Path = typer.Option(None, "--state-dir"),
+        wait: float = typer.Option(
+            0,
+            "--wait",
+            min=0,
+            max=86400,
+            help="seconds to wait for the running agent to install it",
+        ),
+    ) -> None:
+        """Ask for a catalogue package; the running agent downloads and installs it."""
+        import time
+
+        from custos.agent.software import SoftwareStore
+        from custos.agent.state import AgentState
+
+        body = json.dumps({"name": name}).encode()
+        res = _device_call(state_dir, "POST", "/api/device/v1/software/install", body)
+        err.print(f"queued {res['package']}; the agent installs it when it has it")
+        if not wait:
+            return
+        sd = state_dir or default_state_dir()
+        version = str(res["package"]).rsplit(" ", 1)[-1]
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            state = AgentState(sd)
+            try:
+                held = SoftwareStore(state._db).installed(name)
+            finally:
+                state.close()
+            if held and held["version"] == version:
+                err.print(f"[green]installed[/] {name} {version}")
+                return
+            time.sleep(1)
+        err.print(f"[red]error:[/] {name} {version} was not installed within {wait:g}s")
+        raise typer.Exit(1)
 
     @agent.command("status")
     def status_cmd(
