@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     software_tick_s: float = Field(
         default=2.0, gt=0, le=3600, description="how often rollouts advance and send waves"
     )
+    software_limit_bps: int | None = Field(
+        default=None,
+        ge=1024,
+        description="download rate limit per device when a deployment sets none (bytes/s)",
+    )
     software_refresh_s: float = Field(
         default=30.0, gt=0, le=86400, description="how often group and label targets are re-read"
     )

@@ -280,3 +280,84 @@ async def test_bad_uploads_and_transfers_are_refused(api, tmp_path):
         json={"package": "tool", "targets": {"devices": ["nosy"]}, "waves": [50, 40]},
     )
     assert r.status_code == 422
+
+
+async def test_download_time_and_activation_time_are_honoured(api, tmp_path):
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    target = tmp_path / "later.bin"
+    await upload(api, cpkg(tmp_path / "l.cpkg", "1.0", target, b"later" * 100))
+    dev = await api.new_device("late")
+    mgr = manager(dev, tmp_path)
+    now = datetime.now(UTC)
+    r = await api.post(
+        "/api/v1/deployments",
+        json={
+            "package": "tool",
+            "targets": {"devices": ["late"]},
+            "download_at": (now + timedelta(seconds=2)).isoformat(),
+            "activate_at": (now + timedelta(seconds=4)).isoformat(),
+        },
+    )
+    assert r.status_code == 201, r.text
+    # queued, but not handed out before its download time
+    resp = await dev.checkin({})
+    assert not [c for c in resp["commands"] if c["kind"] == "software"]
+    t0 = time.monotonic()
+    await take_software(api, dev, mgr)
+    assert time.monotonic() - t0 >= 1.0
+    # downloaded, not installed: the activation time has not come
+    assert not target.exists()
+    dep = (await api.get(f"/api/v1/deployments/{r.json()['id']}")).json()
+    assert dep["devices"][0]["state"] == "downloaded", dep["devices"]
+    wait = await mgr.run_once()
+    assert 0 < wait <= 4.5
+    await asyncio.sleep(wait)
+    await mgr.run_once()
+    assert await mgr.flush_reports()
+    assert target.exists()
+    dep = (await api.get(f"/api/v1/deployments/{r.json()['id']}")).json()
+    assert dep["devices"][0]["state"] == "installed"
+
+
+async def test_a_tampered_descriptor_or_artifact_is_refused(api, tmp_path):
+    target = tmp_path / "t.bin"
+    pkg = await upload(api, cpkg(tmp_path / "t.cpkg", "1.0", target, payload(7, 400_000)))
+    dev = await api.new_device("victim")
+    mgr = manager(dev, tmp_path)
+    r = await api.post(
+        "/api/v1/deployments", json={"package": "tool", "targets": {"devices": ["victim"]}}
+    )
+    assert r.status_code == 201
+    cmd = None
+    for _ in range(100):
+        resp = await dev.checkin({})
+        cmds = [c for c in resp["commands"] if c["kind"] == "software"]
+        if cmds:
+            cmd = cmds[0]
+            break
+        await asyncio.sleep(0.05)
+    assert cmd is not None
+    # a descriptor changed on the way (a different hash, say) fails the signature check
+    forged = {**cmd["payload"], "descriptor": {**cmd["payload"]["descriptor"], "sha256": "0" * 64}}
+    res = mgr.handle(forged)
+    assert res["state"] == "failed" and "refused" in res["error"]
+    # the genuine one is accepted, but the server's copy of a chunk was altered: the body
+    # does not match the plan's hash, nothing is installed
+    store_dir = api.services.settings.data_dir / "artifacts" / "chunks"
+    frames = sorted(p for p in store_dir.rglob("*") if p.is_file())
+    assert frames
+    for f in frames:
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    assert mgr.handle(cmd["payload"])["result"]["accepted"] is True
+    await mgr.run_once()
+    assert await mgr.flush_reports()
+    assert not target.exists()
+    dep = (await api.get(f"/api/v1/deployments/{r.json()['id']}")).json()
+    row = dep["devices"][0]
+    assert row["state"] in ("downloading", "failed") and row["state"] != "installed", row
+    assert row["detail"].startswith("download rejected"), row
+    assert pkg["sha256"] not in (p.name for p in (tmp_path / f"sw-{dev.device_id[:6]}").rglob("*"))

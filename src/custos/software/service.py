@@ -101,6 +101,7 @@ class SoftwareService:
         *,
         tmp_dir: Path,
         refresh_s: float = 30.0,
+        default_limit_bps: int | None = None,
     ) -> None:
         self.db = db
         self.store = store
@@ -109,6 +110,7 @@ class SoftwareService:
         self.commands = commands
         self.tmp_dir = tmp_dir
         self.refresh_s = refresh_s
+        self.default_limit_bps = default_limit_bps
         self._last_refresh = 0.0
         self._tick_lock = asyncio.Lock()
 
@@ -677,7 +679,7 @@ class SoftwareService:
         cmd_id = await self.commands.queue(
             uow,
             kind="software",
-            payload=self.payload(dep, pkg),
+            payload=self.payload(dep, pkg, self.default_limit_bps),
             target=f"deployment:{dep.name}",
             device_ids=device_ids,
             created_by=dep.created_by,
@@ -701,7 +703,9 @@ class SoftwareService:
         return cmd_id
 
     @staticmethod
-    def payload(dep: Deployment, pkg: Package) -> dict[str, Any]:
+    def payload(
+        dep: Deployment, pkg: Package, default_limit_bps: int | None = None
+    ) -> dict[str, Any]:
         """What the agent needs to do the deployment alone: the signed descriptor and times."""
         return {
             "deployment_id": dep.id,
@@ -711,7 +715,7 @@ class SoftwareService:
             "signature": pkg.signature,
             "activate_at": dep.activate_at.isoformat() if dep.activate_at else None,
             "window": dep.window,
-            "limit_bps": dep.limit_bps,
+            "limit_bps": dep.limit_bps or default_limit_bps,
         }
 
     # --- what devices ask -----------------------------------------------------------------
