@@ -50,18 +50,25 @@ def make_v1(out: Path, size: int) -> None:
 
 
 def make_v2(v1: bytes, fraction: float, seed: int = 6) -> bytes:
-    """~`fraction` of the bytes changed: 40 scattered edits, a quarter of them insertions."""
+    """~`fraction` of the bytes changed in 40 scattered places, as a new release does: most
+    edits rewrite code in place (every 7th byte of a region changed), a quarter insert new
+    lines (everything after them shifts)."""
     rng = random.Random(seed)
     out = bytearray(v1)
     edits = 40
     per = int(len(v1) * fraction / edits)
     for i in range(edits):
         at = rng.randrange(0, len(out) - per)
-        if i % 4 == 0:  # inserted text: later bytes shift
-            out[at:at] = (f"# patched {i}\n".encode() * (per // 12 + 1))[:per]
-        else:  # code rewritten in place (bytes from elsewhere, so they compress like code)
-            src = rng.randrange(0, len(out) - per)
-            out[at : at + per] = bytes(out[src : src + per])
+        if i % 4 == 0:
+            novel = b"".join(
+                f"# change {i}.{k}: {rng.getrandbits(48):012x}\n".encode() for k in range(per // 20)
+            )
+            out[at:at] = novel[:per]
+        else:
+            seg = bytearray(out[at : at + per])
+            for k in range(0, per, 7):
+                seg[k] = rng.randrange(32, 127)
+            out[at : at + per] = seg
     return bytes(out)
 
 

@@ -36,8 +36,16 @@ def make_delta(base: Path, target: Path, out: Path, level: int = DELTA_LEVEL) ->
 
     old, new = _read(base, "base"), _read(target, "target")
     wlog = _window_log(len(old) + len(new))
+    # match tables sized to the base, as `zstd --patch-from` does: with the level's own
+    # (smaller) tables most of a large base is never indexed and the delta is 100x larger.
+    # Costs ~(4 << hash_log) + (4 << chain_log) bytes of memory while it runs.
     params = zstd.ZstdCompressionParameters.from_level(
-        level, source_size=len(new), window_log=wlog, enable_ldm=True
+        level,
+        source_size=len(new),
+        window_log=wlog,
+        hash_log=min(max(wlog - 2, 17), 26),
+        chain_log=min(max(wlog - 1, 17), 27),
+        enable_ldm=True,
     )
     cdict = zstd.ZstdCompressionDict(old, dict_type=zstd.DICT_TYPE_RAWCONTENT)
     data = zstd.ZstdCompressor(dict_data=cdict, compression_params=params).compress(new)
