@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -65,9 +66,10 @@ class CutProxy:
         cut = self.cuts == 0
 
         async def up() -> None:
-            while data := await cr.read(65536):
-                sw.write(data)
-                await sw.drain()
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                while data := await cr.read(65536):
+                    sw.write(data)
+                    await sw.drain()
 
         async def down() -> None:
             while data := await sr.read(65536):
@@ -81,7 +83,8 @@ class CutProxy:
 
         t_up = asyncio.create_task(up())
         try:
-            await down()
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await down()
         finally:
             t_up.cancel()
             for w in (cw, sw):
@@ -146,6 +149,18 @@ async def cut_test(url: str, port: int, dev: DeviceClient, plan: dict, tmp: Path
         "link_resent": proxy.to_client - plan["wire_size"],
         "seconds": secs,
     }
+
+
+async def device_side(url: str, port: int, tmp: Path, size: int) -> tuple[dict, dict, dict]:
+    """Set up, download through the cutting proxy, and sign the GET that wrk will repeat."""
+    dev, plan, _ = await setup(url, tmp, size)
+    try:
+        cut = await cut_test(url, port, dev, plan, tmp)
+        path = f"{protocol.DEVICE_API}/transfers/{plan['id']}"
+        headers = await dev.signed_headers("GET", path)
+    finally:
+        await dev.aclose()
+    return plan, cut, headers
 
 
 def wrk(url: str, headers: dict[str, str], clients: int, duration: int) -> dict[str, float]:
@@ -220,15 +235,12 @@ def main() -> int:
         srv.start()
         nginx = None
         try:
-            dev, plan, _ = asyncio.run(setup(srv.url, tmp, size))
-            cut = asyncio.run(cut_test(srv.url, port, dev, plan, tmp))
+            plan, cut, headers = asyncio.run(device_side(srv.url, port, tmp, size))
             print(f"B7 cut at 50%: {cut}")
             www = tmp / "www"
             www.mkdir()
             shutil.copy(tmp / "wire.bin", www / "wire.bin")
             path = f"{protocol.DEVICE_API}/transfers/{plan['id']}"
-            headers = asyncio.run(dev.signed_headers("GET", path))
-            asyncio.run(dev.aclose())
             nport = free_port()
             nginx = start_nginx(www, nport, tmp)
             results = {
