@@ -215,7 +215,7 @@ def run(args: argparse.Namespace, dep: Deployment, info: dict[str, Any]) -> tupl
     transports = ["http", "https"] if args.transport == "both" else [args.transport]
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="custos-b1-") as tmp:
-        data = Path(tmp) / "requests.lua"
+        data = Path(tmp) / "requests.txt"
         for tr in transports:
             for workers in args.workers:
                 srv = dep.server(transport=tr, workers=workers)

@@ -1,11 +1,10 @@
 -- wrk script: replays pre-signed empty check-ins, one per device, round-robin.
 --
---   wrk -t2 -c64 -d15s --latency -s bench/checkin.lua URL -- REQUESTS.lua
+--   wrk -t2 -c64 -d15s --latency -s bench/checkin.lua URL -- REQUESTS
 --
--- REQUESTS.lua (written by bench/run.py) returns
---   { path = "/api/device/v1/checkin", body = "...",
---     requests = { { {header, value}, {header, value}, ... }, ... } }
--- (one entry per device: the headers that prove its identity, as SimFleet.auth_headers made them)
+-- REQUESTS (written by bench/checkin.py): line 1 the path, line 2 the body, then one line
+-- per device: header TAB value TAB header TAB value ... (the headers that prove its
+-- identity, as SimFleet.auth_headers made them)
 -- Each thread starts at its own offset in the list. Every response that is not 200 is
 -- counted (by status) and reported by done() on one line starting with "WRKJSON ".
 
@@ -25,14 +24,26 @@ non200 = 0
 statuses = {}
 
 function init(args)
-   local data = dofile(args[1])
-   for _, r in ipairs(data.requests) do
-      local headers = { ["Content-Type"] = "application/json" }
-      for _, h in ipairs(r) do
-         headers[h[1]] = h[2]
+   local path, body
+   for line in io.lines(args[1]) do
+      if path == nil then
+         path = line
+      elseif body == nil then
+         body = line
+      else
+         local headers = { ["Content-Type"] = "application/json" }
+         local key
+         for field in string.gmatch(line, "[^\t]+") do
+            if key == nil then
+               key = field
+            else
+               headers[key] = field
+               key = nil
+            end
+         end
+         n = n + 1
+         reqs[n] = wrk.format("POST", path, headers, body)
       end
-      n = n + 1
-      reqs[n] = wrk.format("POST", data.path, headers, data.body)
    end
    local nthreads = tonumber(args[2]) or 1
    i = math.floor((tid - 1) * n / nthreads)
