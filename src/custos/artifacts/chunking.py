@@ -86,6 +86,8 @@ def chunk_file(path: Path) -> Recipe:
     size = path.stat().st_size
     if size > MAX_ARTIFACT_BYTES:
         raise RecipeError(f"artifacts are at most {MAX_ARTIFACT_BYTES} bytes")
+    if size == 0:  # fastcdc maps the file, and an empty file cannot be mapped
+        return Recipe(0, hashlib.sha256().hexdigest(), ())
     whole = hashlib.sha256()
     chunks: list[Chunk] = []
     for c in fastcdc(str(path), MIN_CHUNK, AVG_CHUNK, MAX_CHUNK, fat=True):

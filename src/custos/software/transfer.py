@@ -7,7 +7,10 @@ import bisect
 import hashlib
 import json
 import logging
+import os
 import re
+import tempfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -125,8 +128,9 @@ class TransferPlanner:
             del self._deltas[(base_sha, target_sha)]
 
     def _make_delta(self, base_sha: str, target_sha: str, key: str) -> Path | None:
-        tmp = self.store.tmp_dir()
-        base, target, out = (tmp / f"{key}.{n}" for n in ("base", "target", "out"))
+        # unique names: another server process may be making the same delta right now
+        tmp, tag = self.store.tmp_dir(), f"{os.getpid()}.{threading.get_ident()}"
+        base, target, out = (tmp / f"{key}.{tag}.{n}" for n in ("base", "target", "out"))
         try:
             self.store.materialize(base_sha, base)
             self.store.materialize(target_sha, target)
@@ -141,9 +145,11 @@ class TransferPlanner:
         return self.store.blob_path(key)
 
     def _save(self, plan: Plan) -> None:
-        tmp = self.store.tmp_dir() / f"plan-{plan.id}.json"
-        tmp.write_text(json.dumps(plan.to_dict()))
-        self.store.put_blob(f"plan-{plan.id}", tmp)
+        # a unique temp file: concurrent requests for the same plan each save it
+        fd, name = tempfile.mkstemp(prefix=f"plan-{plan.id}.", dir=self.store.tmp_dir())
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(plan.to_dict()))
+        self.store.put_blob(f"plan-{plan.id}", Path(name))
 
     async def load_plan(self, plan_id: str) -> Plan:
         """A saved plan (KeyError when unknown)."""

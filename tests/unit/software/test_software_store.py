@@ -1,0 +1,154 @@
+"""The local artifact store: chunks stored once, exact rebuilds, and GC of unreferenced chunks."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from custos.artifacts.chunking import chunk_file
+from custos.software.store import LocalArtifactStore
+
+
+def make_versions(size: int = 1_500_000, seed: int = 4) -> tuple[bytes, bytes]:
+    """v1: source-like text with some binary blocks; v2: ~1 % of it edited in six places."""
+    rng = random.Random(seed)
+    words = [f"{a}_{b}" for a in ("get", "set", "load", "parse", "emit") for b in range(40)]
+    parts: list[bytes] = []
+    total = 0
+    while total < size:
+        if rng.random() < 0.1:
+            part = rng.randbytes(rng.randint(2_000, 20_000))
+        else:
+            name, arg = rng.choice(words), rng.choice(words)
+            part = (
+                f"def {name}({arg}, limit={rng.randint(0, 999)}):\n"
+                f"    return {arg}.{rng.choice(words)}(limit) + {rng.randint(0, 99)}\n\n"
+            ).encode()
+        parts.append(part)
+        total += len(part)
+    v1 = b"".join(parts)[:size]
+    v2 = bytearray(v1)
+    for i in range(6):
+        at = rng.randrange(0, len(v2) - 3_000)
+        new = b"".join(f"    x_{i}_{k} = {rng.random()}\n".encode() for k in range(100))[:2_500]
+        if i % 2:
+            v2[at:at] = new
+        else:
+            v2[at : at + len(new)] = new
+    return v1, bytes(v2)
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("store-data")
+    v1, v2 = make_versions()
+    (d / "v1").write_bytes(v1)
+    (d / "v2").write_bytes(v2)
+    return d / "v1", d / "v2"
+
+
+def chunk_files(root: Path) -> set[str]:
+    """Names of the chunk frames on disk."""
+    d = root / "chunks"
+    return {p.name for p in d.rglob("*") if p.is_file()} if d.exists() else set()
+
+
+def test_ingest_stores_shared_chunks_once(versions: tuple[Path, Path], tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path / "store")
+    r1 = store.ingest(versions[0])
+    r2 = store.ingest(versions[1])
+    assert r1 == chunk_file(versions[0])
+    assert r2 == chunk_file(versions[1])
+    assert store.has(r1.sha256) and store.has(r2.sha256)
+    assert not store.has("0" * 64)
+    assert store.recipe(r2.sha256) == r2
+    distinct = {c.sha256 for c in r1.chunks} | {c.sha256 for c in r2.chunks}
+    assert chunk_files(tmp_path / "store") == distinct
+    assert len(distinct) < len(r1.chunks) + len(r2.chunks)  # the versions share chunks
+    stats = store.stats()
+    assert stats["logical_bytes"] == r1.size + r2.size
+    # shared chunks stored once, and compressed: well under the two versions' bytes
+    assert stats["stored_bytes"] < 0.75 * (r1.size + r2.size)
+
+
+def test_materialize_rebuilds_the_exact_file(versions: tuple[Path, Path], tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path / "store")
+    r = store.ingest(versions[1])
+    out = tmp_path / "out"
+    store.materialize(r.sha256, out)
+    assert out.read_bytes() == versions[1].read_bytes()
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == r.sha256
+
+
+def test_unknown_artifact_is_a_key_error(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path / "store")
+    with pytest.raises(KeyError):
+        store.recipe("1" * 64)
+    with pytest.raises(KeyError):
+        store.recipe("../../etc/passwd")
+
+
+def test_concurrent_ingest_of_the_same_file_is_safe(
+    versions: tuple[Path, Path], tmp_path: Path
+) -> None:
+    store = LocalArtifactStore(tmp_path / "store")
+    results: list[object] = []
+    errors: list[BaseException] = []
+
+    def ingest() -> None:
+        try:
+            results.append(store.ingest(versions[0]))
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ingest) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(results) == 3 and results[0] == results[1] == results[2]
+    r = chunk_file(versions[0])
+    assert chunk_files(tmp_path / "store") == {c.sha256 for c in r.chunks}
+    out = tmp_path / "out"
+    store.materialize(r.sha256, out)
+    assert out.read_bytes() == versions[0].read_bytes()
+    tmp = tmp_path / "store" / "tmp"
+    assert not tmp.exists() or list(tmp.iterdir()) == []  # no temp files left behind
+
+
+def test_delete_collects_only_unreferenced_chunks(
+    versions: tuple[Path, Path], tmp_path: Path
+) -> None:
+    store = LocalArtifactStore(tmp_path / "store")
+    r1 = store.ingest(versions[0])
+    r2 = store.ingest(versions[1])
+    only_v1 = {c.sha256 for c in r1.chunks} - {c.sha256 for c in r2.chunks}
+    assert only_v1
+    store.delete(r1.sha256)
+    assert not store.has(r1.sha256)
+    assert chunk_files(tmp_path / "store") == {c.sha256 for c in r2.chunks}
+    out = tmp_path / "out"
+    store.materialize(r2.sha256, out)  # v2 keeps every chunk it shared with v1
+    assert out.read_bytes() == versions[1].read_bytes()
+    assert store.stats()["logical_bytes"] == r2.size
+    store.delete(r2.sha256)
+    assert chunk_files(tmp_path / "store") == set()
+    assert store.stats() == {"logical_bytes": 0, "stored_bytes": 0}
+
+
+def test_blobs_are_kept_by_key(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path / "store")
+    src = store.tmp_dir() / "x"
+    src.write_bytes(b"derived")
+    store.put_blob("plan-abc", src)
+    path = store.blob_path("plan-abc")
+    assert path is not None and path.read_bytes() == b"derived"
+    assert store.blob_path("plan-none") is None
+    for key in ("../escape", "UPPER", ".hidden", "", "a/b"):
+        with pytest.raises(KeyError):
+            store.blob_path(key)
