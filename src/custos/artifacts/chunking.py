@@ -97,3 +97,30 @@ def chunk_file(path: Path) -> Recipe:
     if sum(c.length for c in chunks) != size:
         raise RecipeError("the file changed while it was being chunked")
     return Recipe(size, whole.hexdigest(), tuple(chunks))
+
+
+def decompress_frame(frame: bytes, length: int) -> bytes:
+    """One zstd frame that must hold exactly `length` bytes (ValueError otherwise).
+
+    The frame's declared size is checked before anything is decompressed: zstd trusts a
+    declared size over `max_output_size`, so a hostile frame could otherwise expand to
+    gigabytes. Bytes after the frame are refused too.
+    """
+    import zstandard as zstd
+
+    try:
+        params = zstd.get_frame_parameters(frame)
+    except zstd.ZstdError as exc:
+        raise ValueError(f"not a zstd frame: {exc}") from None
+    if params.content_size != length:
+        raise ValueError(f"the frame declares {params.content_size} bytes, not {length}")
+    if params.window_size > 8 * MAX_CHUNK:
+        raise ValueError("the frame asks for a larger window than a chunk needs")
+    dobj = zstd.ZstdDecompressor(max_window_size=8 * MAX_CHUNK).decompressobj()
+    try:
+        data = dobj.decompress(frame)
+    except zstd.ZstdError as exc:
+        raise ValueError(f"the frame does not decompress: {exc}") from None
+    if len(data) != length or not dobj.eof or dobj.unused_data:
+        raise ValueError("the frame is truncated or followed by other bytes")
+    return data

@@ -60,8 +60,16 @@ def apply_delta(base: Path, delta: Path, out: Path, expected_sha256: str) -> Non
     old = _read(base, "base")
     ddict = zstd.ZstdCompressionDict(old, dict_type=zstd.DICT_TYPE_RAWCONTENT)
     dctx = zstd.ZstdDecompressor(dict_data=ddict, max_window_size=1 << 31)
+    raw = _read(delta, "delta")
     try:
-        data = dctx.decompress(_read(delta, "delta"), max_output_size=MAX_DELTA_INPUT)
+        declared = zstd.get_frame_parameters(raw).content_size
+    except zstd.ZstdError as exc:
+        raise DeltaError(f"the delta is not a zstd frame: {exc}") from None
+    # zstd trusts a declared size over max_output_size: check it before decompressing
+    if declared > MAX_DELTA_INPUT:
+        raise DeltaError(f"the delta would expand to {declared} bytes")
+    try:
+        data = dctx.decompress(raw, max_output_size=MAX_DELTA_INPUT)
     except zstd.ZstdError as exc:
         raise DeltaError(f"the delta does not apply: {exc}") from None
     if hashlib.sha256(data).hexdigest() != expected_sha256:

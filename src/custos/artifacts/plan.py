@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from custos.artifacts.chunking import MAX_ARTIFACT_BYTES, MAX_CHUNK, MAX_CHUNKS
+from custos.artifacts.chunking import MAX_ARTIFACT_BYTES, MAX_CHUNK, MAX_CHUNKS, decompress_frame
 from custos.artifacts.delta import DeltaError, apply_delta
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -143,9 +143,7 @@ def reconstruct(plan: Plan, base: Path | None, wire: Path, out: Path) -> None:
         except DeltaError as exc:
             raise PlanError(str(exc)) from None
         return
-    import zstandard as zstd
 
-    dctx = zstd.ZstdDecompressor()
     whole = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out.parent)
     try:
@@ -161,8 +159,8 @@ def reconstruct(plan: Plan, base: Path | None, wire: Path, out: Path) -> None:
                 else:
                     w.seek(p.offset)
                     try:
-                        data = dctx.decompress(w.read(p.zlength), max_output_size=p.length)
-                    except zstd.ZstdError as exc:
+                        data = decompress_frame(w.read(p.zlength), p.length)
+                    except ValueError as exc:
                         raise PlanError(f"a wire piece does not decompress: {exc}") from None
                 if len(data) != p.length or hashlib.sha256(data).hexdigest() != p.sha256:
                     raise PlanError(f"a piece at {p.offset} does not match its sha256")

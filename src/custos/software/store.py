@@ -8,6 +8,7 @@ services call them in a worker thread.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from custos.artifacts.chunking import SHA_RE, Recipe, chunk_file
+from custos.artifacts.chunking import SHA_RE, Recipe, chunk_file, decompress_frame
 
 CHUNK_LEVEL = 19  # chunks are compressed once, when stored, and sent many times
 BLOB_KEY_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-._")
@@ -130,15 +131,19 @@ class LocalArtifactStore:
 
     def materialize(self, sha256: str, out: Path) -> None:
         """Rebuild the original file (temp file, then rename)."""
-        import zstandard as zstd
-
-        dctx = zstd.ZstdDecompressor()
         rec = self.recipe(sha256)
+        whole = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
                 for c in rec.chunks:
-                    fh.write(dctx.decompress(self.read_chunk(c.sha256), max_output_size=c.length))
+                    data = decompress_frame(self.read_chunk(c.sha256), c.length)
+                    if hashlib.sha256(data).hexdigest() != c.sha256:
+                        raise ValueError(f"stored chunk {c.sha256} is damaged")
+                    whole.update(data)
+                    fh.write(data)
+            if whole.hexdigest() != sha256:
+                raise ValueError(f"artifact {sha256} does not rebuild to its hash")
             os.replace(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

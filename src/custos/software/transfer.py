@@ -36,8 +36,8 @@ def parse_range(value: str, size: int) -> tuple[int, int] | None:
     Several ranges at once are answered with the whole body (allowed by RFC 9110).
     """
     value = value.strip()
-    if "," in value:
-        return None
+    if "," in value or not value.lower().startswith("bytes="):
+        return None  # several ranges, or a unit we do not serve: the whole body (RFC 9110)
     m = _RANGE_RE.match(value)
     if not m or (not m.group(1) and not m.group(2)):
         raise RangeError(f"cannot read the range {value[:100]!r}")
