@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     session_ttl_s: int = Field(
         default=6 * 3600, ge=60, le=7 * 86400, description="lifetime of a device session key"
     )
+    auth_preload_devices: int = Field(
+        default=200_000,
+        ge=0,
+        le=5_000_000,
+        description="device identities each process caches at start (0: learn them on use)",
+    )
     cache_resync_s: float = Field(
         default=60.0, gt=0, description="safety-net rebuild of the work index and status cache"
     )

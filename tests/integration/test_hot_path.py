@@ -335,3 +335,29 @@ async def test_concurrent_checkins_with_work_share_transactions(api):
     await devs[0].checkin(other)
     detail = (await api.get(f"/api/v1/commands/{cmd['id']}")).json()
     assert {r["stdout"] for r in detail["runs"]} == {f"out-{i}" for i in range(len(devs))}
+
+
+async def test_a_new_process_knows_every_device_before_its_first_check_in(api, settings):
+    """Identities are preloaded at start: a restart does not cost a query per device."""
+    from custos.server.app import create_app
+
+    devs = [await api.new_device(f"pre{i}") for i in range(3)]
+    for d in devs:
+        await d.checkin(_empty())  # sessions opened through the first process
+    other_app = create_app(settings)
+    async with other_app.router.lifespan_context(other_app):
+        transport_b = httpx.ASGITransport(app=other_app)
+        engine = other_app.state.services.db.engine.sync_engine
+        counter = QueryCounter()
+        event.listen(engine, "before_cursor_execute", counter)
+        try:
+            for d in devs:
+                via_b = DeviceClient(
+                    "http://test", d.device_id, d.identity.key, ca_pem=None, transport=transport_b
+                )
+                via_b._session = d._session  # the session key is valid in every process
+                await via_b.checkin(_empty())
+                await via_b.aclose()
+        finally:
+            event.remove(engine, "before_cursor_execute", counter)
+        assert counter.n == 0, counter.statements

@@ -99,6 +99,24 @@ class DeviceAuthenticator:
             entry = self._cache[device_id] = (bytes(row[0]), row[1])
         return entry
 
+    async def preload(self, limit: int) -> int:
+        """Fill the cache with up to `limit` devices in one streamed query (at start).
+
+        Without it, each server process meets each device cold once: one query per device
+        and process in the first check-in interval after a start, which is when a restart
+        under a large fleet can least afford it. ~250 bytes per device.
+        """
+        if limit <= 0:
+            return 0
+        n = 0
+        stmt = select(Device.id, Device.public_key, Device.status).limit(limit)
+        async with self.db.read() as s:
+            result = await s.stream(stmt.execution_options(yield_per=5000))
+            async for device_id, key, status in result:
+                self._cache.setdefault(device_id, (bytes(key), status))
+                n += 1
+        return n
+
     async def status(self, device_id: str) -> str | None:
         """The device's status (cached), None for an unknown device."""
         entry = await self._entry(device_id)

@@ -46,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
         jobs.every(settings.cache_resync_s, "resync-caches", svc.resync_caches)
         jobs.every(settings.software_tick_s, "advance-rollouts", svc.software.tick)
         await push.start()
+        await svc.authenticator.preload(settings.auth_preload_devices)
         await svc.resync_caches()
         jobs.start()
         try:
