@@ -3,50 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-import random
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from artifact_versions import make_versions
 from custos.artifacts.delta import MAX_DELTA_INPUT, apply_delta, make_delta
-
-
-def make_versions(size: int = 1_500_000, seed: int = 2) -> tuple[bytes, bytes]:
-    """v1: source-like text with some binary blocks; v2: ~1 % of it edited in six places."""
-    rng = random.Random(seed)
-    words = [f"{a}_{b}" for a in ("get", "set", "load", "parse", "emit") for b in range(40)]
-    parts: list[bytes] = []
-    total = 0
-    while total < size:
-        if rng.random() < 0.1:
-            part = rng.randbytes(rng.randint(2_000, 20_000))
-        else:
-            name, arg = rng.choice(words), rng.choice(words)
-            part = (
-                f"def {name}({arg}, limit={rng.randint(0, 999)}):\n"
-                f"    return {arg}.{rng.choice(words)}(limit) + {rng.randint(0, 99)}\n\n"
-            ).encode()
-        parts.append(part)
-        total += len(part)
-    v1 = b"".join(parts)[:size]
-    v2 = bytearray(v1)
-    for i in range(6):
-        at = rng.randrange(0, len(v2) - 3_000)
-        new = b"".join(f"    x_{i}_{k} = {rng.random()}\n".encode() for k in range(100))[:2_500]
-        if i % 2:
-            v2[at:at] = new
-        else:
-            v2[at : at + len(new)] = new
-    return v1, bytes(v2)
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """v1, v2 and the delta v1 -> v2 (made once: level 19 is the slow part)."""
     d = tmp_path_factory.mktemp("delta")
-    v1, v2 = make_versions()
+    v1, v2 = make_versions(seed=2)
     (d / "v1").write_bytes(v1)
     (d / "v2").write_bytes(v2)
     make_delta(d / "v1", d / "v2", d / "v1-v2.zst")

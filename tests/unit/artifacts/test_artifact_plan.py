@@ -8,45 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zstandard
 
+from artifact_versions import make_versions
 from custos.artifacts.chunking import MAX_CHUNK, chunk_file
 from custos.artifacts.delta import make_delta
 from custos.artifacts.plan import Piece, Plan, reconstruct
-
-
-def make_versions(size: int = 1_500_000, seed: int = 3) -> tuple[bytes, bytes]:
-    """v1: source-like text with some binary blocks; v2: ~1 % of it edited in six places."""
-    rng = random.Random(seed)
-    words = [f"{a}_{b}" for a in ("get", "set", "load", "parse", "emit") for b in range(40)]
-    parts: list[bytes] = []
-    total = 0
-    while total < size:
-        if rng.random() < 0.1:
-            part = rng.randbytes(rng.randint(2_000, 20_000))
-        else:
-            name, arg = rng.choice(words), rng.choice(words)
-            part = (
-                f"def {name}({arg}, limit={rng.randint(0, 999)}):\n"
-                f"    return {arg}.{rng.choice(words)}(limit) + {rng.randint(0, 99)}\n\n"
-            ).encode()
-        parts.append(part)
-        total += len(part)
-    v1 = b"".join(parts)[:size]
-    v2 = bytearray(v1)
-    for i in range(6):
-        at = rng.randrange(0, len(v2) - 3_000)
-        new = b"".join(f"    x_{i}_{k} = {rng.random()}\n".encode() for k in range(100))[:2_500]
-        if i % 2:
-            v2[at:at] = new
-        else:
-            v2[at : at + len(new)] = new
-    return v1, bytes(v2)
 
 
 def sha(data: bytes) -> str:
@@ -79,7 +50,7 @@ def chunk_plan(base: Path | None, target: Path, wire: Path) -> Plan:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("plan")
-    v1, v2 = make_versions()
+    v1, v2 = make_versions(seed=3)
     (d / "v1").write_bytes(v1)
     (d / "v2").write_bytes(v2)
     make_delta(d / "v1", d / "v2", d / "delta")
