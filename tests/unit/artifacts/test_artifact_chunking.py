@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from custos.artifacts.chunking import (
 from artifact_versions import make_versions
+from custos.artifacts.chunking import (
     MAX_ARTIFACT_BYTES,
     MAX_CHUNK,
     MIN_CHUNK,
