@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import importlib.util
 import os
 import platform
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from custos.agent.executor import run_process, script_argv
-from custos.packaging.inspect import DEFAULT_LIMITS, Limits, extract_cpkg
+from custos.packaging.inspect import DEFAULT_LIMITS, Limits, extract_cpkg, sha256_file
 from custos.packaging.manifest import (
     ANY_ARCH,
     CommandRule,
@@ -267,21 +266,13 @@ def _label(descriptor: Mapping[str, Any], key: str) -> str:
     return str(value)[:128] if value is not None else ""
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_artifact(path: Path, d: Descriptor) -> str | None:
     """None when the artifact is the one the descriptor names, else the reason."""
     try:
         size = path.stat().st_size
         if size != d.size:
             return f"the artifact has {size} bytes, the descriptor says {d.size}"
-        if _sha256_file(path) != d.sha256:
+        if sha256_file(path) != d.sha256:
             return "the artifact's SHA-256 does not match the descriptor"
     except OSError as exc:
         return f"cannot read the artifact: {exc}"
@@ -973,7 +964,7 @@ def _detect_file(rule: FileRule) -> DetectResult:
             return DetectResult(False, None, f"{rule.file} does not exist")
         if rule.sha256 is None:
             return DetectResult(True, None, f"{rule.file} exists")
-        if _sha256_file(path) != rule.sha256:
+        if sha256_file(path) != rule.sha256:
             return DetectResult(False, None, f"{rule.file} has other content")
     except OSError as exc:
         return DetectResult(False, None, f"cannot read {rule.file}: {exc.strerror}")

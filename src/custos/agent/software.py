@@ -25,6 +25,7 @@ from custos.agent import install as engine
 from custos.agent.client import DeviceClient, RequestRejected, ServerError, ServerRefused
 from custos.agent.transfer import Downloader, TransferError
 from custos.artifacts.plan import Plan, reconstruct
+from custos.packaging.inspect import sha256_file
 from custos.packaging.manifest import Descriptor, PackageError
 from custos.packaging.signing import SignatureError, verify_descriptor
 from custos.scheduling import ScheduleError, Window
@@ -429,7 +430,7 @@ _pending: set[asyncio.Task[bool]] = set()  # report flushes in flight (kept refe
 def _prepare(job_dir: Path, out: Path, sha: str, held: dict[str, Any] | None) -> Path | None:
     """Make the job directory; `out` if already downloaded, else the base artifact (or None)."""
     job_dir.mkdir(parents=True, exist_ok=True)
-    if out.exists() and engine._sha256_file(out) == sha:
+    if out.exists() and sha256_file(out) == sha:
         return out
     base = Path(held["artifact"]) if held and held.get("artifact") else None
     return base if base is not None and base.is_file() else None

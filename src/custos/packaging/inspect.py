@@ -209,7 +209,7 @@ def inspect_package(
 
     final_name = _reconcile("name", fmt, info.name, name)
     final_version = _reconcile("version", fmt, info.version, version)
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
 
     rule = rule_to_dict(parse_detect_rule(info.detect)) if info.detect is not None else None
     if fmt == "file":
@@ -305,7 +305,8 @@ def _reconcile(label: str, fmt: str, found: str | None, given: str | None) -> st
     return given
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         while chunk := fh.read(_CHUNK):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from custos.artifacts.delta import DeltaError, make_delta
 from custos.artifacts.plan import Piece, Plan
+from custos.packaging.inspect import sha256_file
 from custos.software.store import LocalArtifactStore
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class TransferPlanner:
                         plan.target_size,
                         base_sha,
                         size,
-                        await asyncio.to_thread(_sha256_file, delta),
+                        await asyncio.to_thread(sha256_file, delta),
                     )
         await asyncio.to_thread(self._save, plan)
         return plan
@@ -208,11 +209,3 @@ async def _file_range(path: Path, start: int, end: int) -> AsyncIterator[bytes]:
             return
         yield data
         pos += len(data)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1024 * 1024):
-            h.update(block)
-    return h.hexdigest()
