@@ -579,8 +579,9 @@ class SoftwareService:
         """Advance rollouts: re-read targets now and then, send due waves, pause on failures.
 
         Returns how many devices were sent a command. Several processes may tick at once:
-        rows move from pending to queued in the same transaction that queues the command,
-        guarded by their state, so a device is sent a deployment once.
+        each advances a deployment holding its row lock (FOR UPDATE on PostgreSQL; SQLite
+        writes are serialised anyway), and rows move from pending to queued in the same
+        transaction that queues the command, so a device is sent a deployment once.
         """
         loop = asyncio.get_running_loop()
         if refresh is None:
@@ -604,7 +605,7 @@ class SoftwareService:
     async def _advance(self, dep_id: str, *, refresh: bool) -> int:
         async with self.db.transaction() as uow:
             s = uow.session
-            dep = await s.get(Deployment, dep_id)
+            dep = await s.get(Deployment, dep_id, with_for_update=True)
             if dep is None or dep.state != "active":
                 return 0
             if refresh and (dep.targets.get("groups") or dep.targets.get("labels")):
