@@ -56,3 +56,14 @@ class TooLarge(DomainError):
 
     status = 413
     code = "too_large"
+
+
+class Unavailable(DomainError):
+    """The server is overloaded for the moment (e.g. no database connection free): retry later."""
+
+    status = 503
+    code = "busy"
+
+    def __init__(self, detail: str, *, code: str | None = None, retry_after: int = 2) -> None:
+        super().__init__(detail, code=code)
+        self.retry_after = retry_after

@@ -97,16 +97,74 @@ async def test_deferred_work_becomes_due_without_a_query_before(api):
     assert [c["payload"]["argv"] for c in got] == [["echo", "later"]]
 
 
-async def test_untrusted_index_falls_back_to_one_query(api):
-    dev = await api.new_device("fallback")
-    await dev.checkin(_empty())
+async def test_untrusted_index_asks_the_database_in_shared_batches(api):
+    devs = [await api.new_device(f"fallback{i}") for i in range(20)]
+    for d in devs:
+        await d.checkin(_empty())
     work = api.services.work
     work._loaded = False  # as after missed events, before the reload has finished
+    batcher = api.services.checkin._batch
+    before = batcher.batches
     with counting(api) as q:
-        assert (await dev.checkin(_empty()))["commands"] == []
-    assert q.statements == ["SELECT"]
+        got = await asyncio.gather(*(d.checkin(_empty()) for d in devs))
+    assert all(r["commands"] == [] for r in got)
+    # every check-in went to the database (the index could not vouch), but not one by one:
+    # a reconnect storm must not take a pooled connection per device
+    assert "SELECT" in q.statements
+    assert batcher.batches - before < len(devs) / 2, (batcher.batches - before, q.statements)
+    assert q.n <= 4 * (batcher.batches - before), q.statements
     await work.load()
     assert work.trusted
+
+
+@pytest.mark.postgres
+async def test_pool_exhaustion_is_unavailable_not_an_internal_error():
+    """No free database connection within the pool timeout is overload: 503, retry later."""
+    from conftest import pg_url
+    from custos.db.engine import Database
+    from custos.errors import Unavailable
+
+    tight = Database(pg_url("postgres"), pool_size=1, pool_timeout=0.2)
+    try:
+        async with tight.transaction() as uow:
+            await uow.session.execute(select_one())  # holds the only connection (no overflow)
+            with pytest.raises(Unavailable) as err:
+                await tight.fetch_one(select_one(), {})
+            assert err.value.status == 503 and err.value.retry_after > 0
+            with pytest.raises(Unavailable):
+                async with tight.transaction() as other:
+                    await other.session.execute(select_one())
+        assert (await tight.fetch_one(select_one(), {}))[0] == 1  # free again afterwards
+    finally:
+        await tight.dispose()
+
+
+async def test_overload_answers_503_with_retry_after(api, monkeypatch):
+    """The check-in fast path maps overload to 503 + Retry-After, which agents honour."""
+    from custos.errors import Unavailable
+
+    dev = await api.new_device("busy")
+    await dev.checkin(_empty())
+
+    async def overloaded(*_a: Any, **_k: Any) -> bytes:
+        raise Unavailable("the server is busy (no database connection free); retry shortly")
+
+    monkeypatch.setattr(api.services.checkin, "checkin", overloaded)
+    path = protocol.DEVICE_API + "/checkin"
+    body = b'{"agent_version":"t"}'
+    headers = protocol.sign_request(
+        dev.identity.key, dev.device_id, "POST", path, body, int(time.time())
+    )
+    r = await api.http.post(path, content=body, headers=headers)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "busy"
+    assert int(r.headers["retry-after"]) >= 1
+
+
+def select_one() -> Any:
+    from sqlalchemy import text
+
+    return text("SELECT 1")
 
 
 async def test_session_signing(api):

@@ -35,6 +35,10 @@ class ServerRefused(Exception):
 class ServerError(Exception):
     """A transient failure: network, timeout, 5xx. The agent backs off and retries."""
 
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after  # the server's Retry-After (seconds), when it sent one
+
 
 class RequestRejected(Exception):
     """A 4xx for this request only (e.g. a conflict on an upload offset)."""
@@ -44,6 +48,15 @@ class RequestRejected(Exception):
         self.status = status
         self.code = code
         self.detail = detail
+
+
+def retry_after_of(resp: httpx.Response) -> float | None:
+    """The delay a Retry-After header asks for, in seconds (numeric form only; capped)."""
+    value = resp.headers.get("retry-after", "")
+    try:
+        return min(max(float(value), 0.0), 3600.0)
+    except ValueError:
+        return None
 
 
 def pinned_context(ca_pem: str) -> ssl.SSLContext:
@@ -145,7 +158,9 @@ class DeviceClient:
             if resp.status_code in (401, 403):
                 raise ServerRefused(resp.status_code, code, detail)
             if resp.status_code >= 500 or resp.status_code == 429:
-                raise ServerError(f"server answered {resp.status_code}: {detail}")
+                raise ServerError(
+                    f"server answered {resp.status_code}: {detail}", retry_after_of(resp)
+                )
             raise RequestRejected(resp.status_code, code, detail)
 
     async def _current_session(self) -> tuple[str, bytes, float] | None:

@@ -514,6 +514,10 @@ class AgentRuntime:
                     failures += 1
                     self._offline = True
                     delay = min(MAX_BACKOFF_S, 2.0 ** min(failures, 10)) * random.uniform(0.5, 1.0)  # noqa: S311
+                    asked = getattr(exc, "retry_after", None)
+                    if asked:
+                        # an overloaded server says when; spread over twice that, not all at once
+                        delay = max(delay, asked * random.uniform(1.0, 2.0))  # noqa: S311
                     log.warning("check-in failed (%s); retrying in %.1fs", exc, delay)
                 if delay > 0:
                     await self._sleep(stop, delay)

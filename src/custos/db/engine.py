@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -16,8 +17,16 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.sql.base import Executable
 
+from custos.errors import Unavailable
 
-def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
+# how long a request waits for a pooled connection before it is answered 503 (retry later):
+# a device waiting longer would have given up anyway, and its retry comes with backoff
+POOL_TIMEOUT_S = 10
+
+
+def make_engine(
+    url: str, *, pool_size: int = 20, pool_timeout: float = POOL_TIMEOUT_S
+) -> AsyncEngine:
     """An async engine; SQLite gets WAL, foreign keys and a busy timeout."""
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
@@ -39,7 +48,7 @@ def make_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
         url,
         pool_size=pool_size,
         max_overflow=pool_size // 4,
-        pool_timeout=30,
+        pool_timeout=pool_timeout,
         pool_recycle=1800,
         hide_parameters=True,  # parameters carry command output and tokens: keep them out of logs
     )
@@ -71,9 +80,11 @@ class UnitOfWork:
 class Database:
     """Holds the engine and hands out units of work."""
 
-    def __init__(self, url: str, *, pool_size: int = 20) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 20, pool_timeout: float = POOL_TIMEOUT_S
+    ) -> None:
         self.url = url
-        self.engine = make_engine(url, pool_size=pool_size)
+        self.engine = make_engine(url, pool_size=pool_size, pool_timeout=pool_timeout)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         # single-statement reads need no BEGIN/ROLLBACK around them
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -88,30 +99,37 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[UnitOfWork]:
-        """A unit of work that commits on success, rolls back on error, then fires hooks."""
-        if self._write_lock is None:
-            async with self.sessionmaker() as session:
+        """A unit of work that commits on success, rolls back on error, then fires hooks.
+
+        No free connection within the pool timeout is `Unavailable` (503, retry later), not
+        an internal error: that is overload, and the caller's client backs off.
+        """
+        with _pool_exhaustion_is_overload():
+            if self._write_lock is None:
+                async with self.sessionmaker() as session:
+                    uow = UnitOfWork(session)
+                    async with session.begin():
+                        yield uow
+                    uow.run_after_commit()
+                return
+            async with self._write_lock, self.sessionmaker() as session:
                 uow = UnitOfWork(session)
                 async with session.begin():
                     yield uow
-                uow.run_after_commit()
-            return
-        async with self._write_lock, self.sessionmaker() as session:
-            uow = UnitOfWork(session)
-            async with session.begin():
-                yield uow
-        uow.run_after_commit()
+            uow.run_after_commit()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
         """A session for reads only."""
-        async with self.sessionmaker() as session:
-            yield session
+        with _pool_exhaustion_is_overload():
+            async with self.sessionmaker() as session:
+                yield session
 
     async def fetch_one(self, stmt: Executable, params: dict[str, Any]) -> Any:
         """One row from a read-only statement, without a session or a transaction (hot paths)."""
-        async with self._autocommit.connect() as conn:
-            return (await conn.execute(stmt, params)).first()
+        with _pool_exhaustion_is_overload():
+            async with self._autocommit.connect() as conn:
+                return (await conn.execute(stmt, params)).first()
 
     async def scalar(self, stmt: Executable, params: dict[str, Any]) -> Any:
         """The first column of the first row of a read-only statement, or None."""
@@ -126,3 +144,15 @@ class Database:
     async def dispose(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+
+
+@contextmanager
+def _pool_exhaustion_is_overload() -> Iterator[None]:
+    try:
+        yield
+    except sa_exc.TimeoutError:
+        # QueuePool's "limit of size N overflow M reached": every connection is busy
+        raise Unavailable(
+            "the server is busy (no database connection free); retry shortly",
+            retry_after=2,
+        ) from None

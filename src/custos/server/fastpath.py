@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from custos import protocol
 from custos.devices.schemas import CheckinRequest
-from custos.errors import DomainError
+from custos.errors import DomainError, Unavailable
 from custos.server.container import Services
 from custos.server.http import parse_body
 
@@ -78,6 +78,8 @@ class CheckinFastPath:
             if exc.status == 401:
                 # lets an agent with a wrong clock correct itself and retry
                 extra.append((protocol.H_SERVER_TIME.encode(), f"{time.time():.3f}".encode()))
+            elif isinstance(exc, Unavailable):
+                extra.append((b"retry-after", str(exc.retry_after).encode()))
             return exc.status, extra, orjson.dumps({"error": exc.code, "detail": exc.detail})
         except Exception:
             log.exception("unhandled error in a check-in")

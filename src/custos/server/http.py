@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from custos import protocol
 from custos.accounts.service import Principal
 from custos.devices.identity import DeviceAuth
-from custos.errors import DomainError, Invalid, Unauthorized
+from custos.errors import DomainError, Invalid, Unauthorized, Unavailable
 from custos.server.container import Services
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ def install_error_handlers(app: Any) -> None:
         if exc.status == 401:
             # lets an agent with a wrong clock correct itself and retry
             resp.headers[protocol.H_SERVER_TIME] = f"{time.time():.3f}"
+        elif isinstance(exc, Unavailable):
+            resp.headers["retry-after"] = str(exc.retry_after)
         return resp
 
     @app.exception_handler(RequestValidationError)

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
 from custos import __version__, protocol
-from custos.agent.client import SESSION_ERRORS, pinned_context
+from custos.agent.client import SESSION_ERRORS, pinned_context, retry_after_of
 from custos.agent.identity import ca_fingerprint, fetch_pinned_ca
 from custos.agent.inventory import FACT_KEYS, inventory_delta
 from custos.agent.push import PUSH_PATH, STABLE_S, backoff_delay, push_url
@@ -85,6 +85,10 @@ class _Refused(Exception):
 
 class _Transient(Exception):
     """A failure worth retrying later (network, 5xx, 429, an unexpected answer)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -710,6 +714,8 @@ class SimFleet:
                 self._set_ok(dev, False)
                 self._error(f"{dev.hostname}: {exc}")
                 backoff = min(MAX_BACKOFF_S, 2.0 ** min(dev.failures, 10))
+                if exc.retry_after:  # an overloaded server says when: spread over twice that
+                    return max(backoff * 0.5, exc.retry_after) * self._rng.uniform(1.0, 2.0)
                 return backoff * self._rng.uniform(0.5, 1.0)
             dev.failures = 0
             self._set_ok(dev, True)
@@ -881,7 +887,7 @@ class SimFleet:
                 continue
             if resp.status_code in (401, 403):
                 raise _Refused(f"{detail} ({code})")
-            raise _Transient(f"HTTP {resp.status_code}: {detail} ({code})")
+            raise _Transient(f"HTTP {resp.status_code}: {detail} ({code})", retry_after_of(resp))
         raise _Transient("clock or session correction did not help")
 
     def _absorb(self, dev: SimDevice, payload: dict[str, Any], resp: dict[str, Any]) -> None:
