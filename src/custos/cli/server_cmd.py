@@ -75,7 +75,8 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
         host = settings.host if ":" not in settings.host else f"[{settings.host}]"
         err.print(f"Custos listening on {scheme}://{host}:{settings.port}")
         err.print(f"CA fingerprint: {boot.ca.fingerprint}")
-    from custos.server.protocols import DrainingHttpProtocol, DrainingWebSocketProtocol
+    from custos.push.wire import PushWireProtocol
+    from custos.server.protocols import DrainingHttpProtocol
 
     export_settings(settings)
     uvicorn.run(
@@ -89,7 +90,8 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,
-        ws=DrainingWebSocketProtocol,
+        # the push socket without ASGI: a few hundred bytes per idle device (B4)
+        ws=PushWireProtocol,
         **ssl,
     )
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import time
+from typing import TYPE_CHECKING, Protocol
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
@@ -16,7 +17,9 @@ from custos import protocol
 from custos.devices.identity import DeviceAuth
 from custos.devices.schemas import CheckinRequest
 from custos.errors import DomainError, Unauthorized
-from custos.server.container import Services
+
+if TYPE_CHECKING:  # the container builds the push sockets registry (custos.push.wire)
+    from custos.server.container import Services
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ async def push(ws: WebSocket) -> None:
         return
     deliver = qs == b"deliver=1"
     # one task per idle socket (this one, reading); a wake starts a short-lived sender
-    sender = _Sender(ws, svc, auth, deliver)
+    sender = Sender(ws, svc, auth, deliver)
     # a device hears only its own nudges: the subscription is for the id it proved
     sub = svc.push.subscribe(auth.device_id, sender.wake)
     try:
@@ -58,15 +61,25 @@ async def push(ws: WebSocket) -> None:
         pass  # the device went away mid-send
     finally:
         svc.push.unsubscribe(sub)
-        await sender.cancel()
+        sender.stop()
 
 
-class _Sender:
+class PushSocket(Protocol):
+    """What the push code needs of a socket: Starlette's WebSocket, or the bare protocol."""
+
+    async def send_text(self, data: str) -> None:
+        """Send one text message."""
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        """Close with a status code."""
+
+
+class Sender:
     """Sends what a wake calls for; at most one send loop runs per socket."""
 
     __slots__ = ("again", "auth", "deliver", "svc", "task", "ws")
 
-    def __init__(self, ws: WebSocket, svc: Services, auth: DeviceAuth, deliver: bool) -> None:
+    def __init__(self, ws: PushSocket, svc: Services, auth: DeviceAuth, deliver: bool) -> None:
         self.ws, self.svc, self.auth, self.deliver = ws, svc, auth, deliver
         self.task: asyncio.Task[None] | None = None
         self.again = False
@@ -87,22 +100,28 @@ class _Sender:
                     await self.ws.close(code=CLOSE_REFUSED, reason="retired")
                     return
                 if self.deliver:
-                    await _deliver(self.ws, self.svc, self.auth, CheckinRequest(wake=True))
+                    await deliver(self.ws, self.svc, self.auth)
                 else:
                     await self.ws.send_text(WAKE)
                 if not self.again:
                     return
                 self.again = False
 
-    async def cancel(self) -> None:
+    def stop(self) -> None:
         """Stop a send in progress (the socket is gone)."""
         if self.task is not None and not self.task.done():
             self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
 
 
-async def _deliver(ws: WebSocket, svc: Services, auth: DeviceAuth, req: CheckinRequest) -> None:
-    """Run a check-in on the device's behalf and send its answer if it hands out work."""
+async def deliver(
+    ws: PushSocket, svc: Services, auth: DeviceAuth, acks: list[str] | None = None
+) -> None:
+    """Run a check-in on the device's behalf and send its answer if it hands out work.
+
+    Without `acks` it is a woken check-in (the database is asked whatever the index says);
+    with them, the acknowledgement of runs delivered earlier on this socket.
+    """
+    req = CheckinRequest(acks=acks) if acks else CheckinRequest(wake=True)
     try:
         body = await svc.checkin.checkin(auth, req)
     except DomainError as exc:
@@ -112,7 +131,21 @@ async def _deliver(ws: WebSocket, svc: Services, auth: DeviceAuth, req: CheckinR
         await ws.send_text('{"type":"checkin","response":' + body.decode() + "}")
 
 
-async def _receive(ws: WebSocket, svc: Services, auth: DeviceAuth, deliver: bool) -> None:
+def parse_ack(text: str) -> list[str] | None:
+    """The run ids of an acknowledgement frame; None for anything else or anything malformed."""
+    if len(text) > MAX_FRAME:
+        return None
+    try:
+        frame = json.loads(text)
+        if not isinstance(frame, dict) or frame.get("type") != "ack":
+            return None
+        req = CheckinRequest.model_validate({"acks": frame.get("run_ids")})
+    except (ValueError, ValidationError):
+        return None  # malformed: ignored, the run is delivered again at a check-in
+    return req.acks or None
+
+
+async def _receive(ws: WebSocket, svc: Services, auth: DeviceAuth, deliver_work: bool) -> None:
     """Read what the device sends until it disconnects: acknowledgements of delivered work."""
     with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
         while True:
@@ -120,18 +153,12 @@ async def _receive(ws: WebSocket, svc: Services, auth: DeviceAuth, deliver: bool
             if msg["type"] == "websocket.disconnect":
                 return
             text = msg.get("text")
-            if not deliver or not text or len(text) > MAX_FRAME:
+            if not deliver_work or not text:
                 continue  # a plain push socket carries nothing from the device
-            try:
-                frame = json.loads(text)
-                if not isinstance(frame, dict) or frame.get("type") != "ack":
-                    continue
-                req = CheckinRequest.model_validate({"acks": frame.get("run_ids")})
-            except (ValueError, ValidationError):
-                continue  # malformed: ignored, the run is delivered again at a check-in
-            if req.acks:
+            run_ids = parse_ack(text)
+            if run_ids:
                 # the answer may hand out work queued meanwhile
-                await _deliver(ws, svc, auth, req)
+                await deliver(ws, svc, auth, acks=run_ids)
 
 
 class DenialLogFilter(logging.Filter):

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -33,7 +34,7 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the ASGI app; the database, CA and jobs start in the lifespan."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         db = Database(settings.database_url, pool_size=settings.db_pool_size)
         boot = await bootstrap(settings, db)
         push = build_push(settings)
@@ -45,12 +46,15 @@ def create_app(settings: Settings) -> FastAPI:
         jobs.every(1, "wake-deferred-work", svc.work.tick)
         jobs.every(settings.cache_resync_s, "resync-caches", svc.resync_caches)
         jobs.every(settings.software_tick_s, "advance-rollouts", svc.software.tick)
+        jobs.every(svc.push_sockets.ping_interval_s, "push-keepalive", svc.push_sockets.sweep)
         await push.start()
         await svc.authenticator.preload(settings.auth_preload_devices)
         await svc.resync_caches()
         jobs.start()
         try:
-            yield
+            # the lifespan state reaches uvicorn's protocols too: the bare push socket
+            # protocol (custos.push.wire) finds the services there
+            yield {"services": svc}
         finally:
             await jobs.stop()
             await svc.checkin.stop()

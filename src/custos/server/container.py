@@ -17,6 +17,7 @@ from custos.devices.checkin import DeviceCheckin
 from custos.devices.identity import DeviceAuthenticator
 from custos.devices.service import DeviceService, EnrollmentService
 from custos.push.hub import Event, PushHub
+from custos.push.wire import PushSockets
 from custos.settings import Settings
 from custos.software.service import SoftwareService
 from custos.software.store import LocalArtifactStore
@@ -39,6 +40,10 @@ def _background(coro: Coroutine[Any, Any, object], name: str) -> None:
     task.add_done_callback(_background_tasks.discard)
 
 
+# how often the server pings idle push sockets; a peer silent for two rounds is dropped
+PUSH_PING_INTERVAL_S = 20.0
+
+
 @dataclass
 class Services:
     """Everything a request handler may need; one instance per process."""
@@ -56,6 +61,7 @@ class Services:
     work: WorkIndex
     tasks: TaskService
     software: SoftwareService
+    push_sockets: PushSockets
 
     @classmethod
     def build(
@@ -112,6 +118,7 @@ class Services:
             work=work,
             tasks=TaskService(db, commands),
             software=software,
+            push_sockets=PushSockets(PUSH_PING_INTERVAL_S),
         )
 
     async def resync_caches(self) -> None:

@@ -79,6 +79,22 @@ class FleetError(Exception):
     """The fleet cannot go on (e.g. the server refused the enrolment token)."""
 
 
+async def _post_reusing(
+    http: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
+) -> httpx.Response:
+    """POST, sent once more on a fresh connection when a kept-alive one turns out closed.
+
+    A server that restarts closes its idle keep-alive connections; one the pool hands out
+    just then fails before any answer. A check-in may be repeated (results and acks are
+    recorded idempotently), so, as an agent would, the simulator retries it at once instead
+    of counting an error.
+    """
+    try:
+        return await http.post(url, content=body, headers=headers)
+    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+        return await http.post(url, content=body, headers=headers)
+
+
 class _Refused(Exception):
     """The server refused this device (401/403): it stops."""
 
@@ -867,7 +883,7 @@ class SimFleet:
             headers["content-type"] = "application/json"
             sent = time.perf_counter()
             try:
-                resp = await self._http.post(self._checkin_url, content=body, headers=headers)
+                resp = await _post_reusing(self._http, self._checkin_url, body, headers)
             except httpx.HTTPError as exc:
                 raise _Transient(f"{type(exc).__name__}: {exc}") from exc
             took = time.perf_counter() - sent

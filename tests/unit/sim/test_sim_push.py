@@ -3,77 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import resource
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import uvicorn
 from rich.console import Console
 
 from custos.cli.demo_cmd import _StatusLine
 from custos.sim.fleet import SimDevice, SimFleet, raise_fd_limit
-
-
-async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        ok = check()
-        if not isinstance(ok, bool):
-            ok = await ok
-        if ok:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Server(uvicorn.Server):
-    """uvicorn in the test's own loop; the test, not a signal, decides when it stops."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-class Served:
-    """The `api` fixture's app (lifespan already running) served over real TCP, restartable."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        config = uvicorn.Config(
-            self.app,
-            host="127.0.0.1",
-            port=self.port,
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=2,
-        )
-        self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        await eventually(lambda: self._server is not None and self._server.started, 10)
-
-    async def stop(self) -> None:
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await asyncio.wait_for(self._task, 10)
-        self._server = self._task = None
+from served import Served, eventually
 
 
 @pytest.fixture
@@ -149,6 +89,8 @@ async def test_devices_reconnect_after_a_server_restart(api: Any, served: Served
     stop, runner = await _run(fleet)
     try:
         await eventually(lambda: fleet.stats().push_connected == 4)
+        # the catch-up check-ins of the first connections are done before the restart
+        await eventually(lambda: fleet.stats().checkins >= 4)
         checkins = fleet.stats().checkins
         await served.stop()
         await eventually(lambda: fleet.stats().push_connected == 0, timeout=10)
