@@ -83,16 +83,21 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _hello(dep: Deployment, transport: str, port: int | None = None) -> Server:
+def _hello(
+    dep: Deployment, transport: str, port: int | None = None, *, floor: bool = False
+) -> Server:
     port = port or free_port()
     argv = [sys.executable, str(BENCH / "hello.py"), "--port", str(port)]
+    if floor:
+        argv.append("--floor")
     if transport == "http":
         argv.append("--insecure-http")
     else:
         tls = dep.data_dir / "tls"
         argv += ["--certfile", str(tls / "server.pem"), "--keyfile", str(tls / "server.key")]
     scheme = "http" if transport == "http" else "https"
-    return Server("hello-world", argv, f"{scheme}://127.0.0.1:{port}", "/", dep.root / "hello.log")
+    name = "floor (101 and hold)" if floor else "hello-world"
+    return Server(name, argv, f"{scheme}://127.0.0.1:{port}", "/", dep.root / "hello.log")
 
 
 def _ms(x: Any) -> str:
@@ -233,7 +238,12 @@ def b4(args: argparse.Namespace, dep: Deployment) -> tuple[str, bool]:
     """Server RSS per idle push connection, Custos vs the hello-world's bare WebSocket."""
     n = args.devices
     rows, ok = [], True
-    for srv in (dep.server(transport=args.transport, workers=1), _hello(dep, args.transport)):
+    servers = (
+        dep.server(transport=args.transport, workers=1),
+        _hello(dep, args.transport),
+        _hello(dep, args.transport, floor=True),
+    )
+    for srv in servers:
         print(f"  B4 {srv.name}: {n} push connections", flush=True)
         srv.start()
         try:

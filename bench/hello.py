@@ -8,11 +8,18 @@ open (the baseline of the push benchmarks).
 
     python bench/hello.py --port 9000 --insecure-http
     python bench/hello.py --port 9000 --certfile var/tls/server.pem --keyfile var/tls/server.key
+
+With --floor the push path is not a Starlette WebSocket but `Floor`, a protocol that answers
+any upgrade with 101 and then holds the socket doing nothing: what one idle (TLS) WebSocket
+costs in this Python, uvicorn and uvloop at the very least (the floor of B4).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +45,38 @@ async def hold(ws: WebSocket) -> None:
         pass
 
 
+class Floor(asyncio.Protocol):
+    """uvicorn `ws=` class: 101 to any upgrade, then nothing (no framing, no pings, no state)."""
+
+    __slots__ = ("connections", "transport")
+
+    def __init__(self, config: Any, server_state: Any, app_state: Any, _loop: Any = None) -> None:
+        self.connections = server_state.connections
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        for line in data.split(b"\r\n"):
+            if line.lower().startswith(b"sec-websocket-key:"):
+                key = line.split(b":", 1)[1].strip()
+                digest = hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+                self.transport.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
+                    b"connection: Upgrade\r\nsec-websocket-accept: "
+                    + base64.b64encode(digest)
+                    + b"\r\n\r\n"
+                )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+
+    def shutdown(self) -> None:
+        self.transport.abort()
+
+
 app = Starlette(
     routes=[
         WebSocketRoute("/api/device/v1/push", hold),
@@ -57,6 +96,7 @@ def main() -> None:
     ap.add_argument("--certfile")
     ap.add_argument("--keyfile")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--floor", action="store_true", help="push path: bare 101-and-hold protocol")
     args = ap.parse_args()
     ssl: dict[str, Any] = {}
     if not args.insecure_http:
@@ -74,7 +114,7 @@ def main() -> None:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,
-        ws="websockets-sansio",
+        ws=Floor if args.floor else "websockets-sansio",
         **ssl,
     )
 
