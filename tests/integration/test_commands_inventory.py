@@ -54,6 +54,25 @@ async def test_group_target_and_foreign_results_ignored(api):
     assert {x["device_name"]: x["state"] for x in detail["runs"]} == {"a": "sent", "b": "sent"}
 
 
+async def test_creating_a_large_command_answers_with_the_first_runs_and_all_counts(
+    api, monkeypatch
+):
+    from custos.commands import service
+
+    monkeypatch.setattr(service, "CREATE_RUNS_SHOWN", 2)
+    for name in ("c", "a", "b"):
+        await api.new_device(name)
+    await api.post("/api/v1/groups", json={"name": "big"})
+    await api.post("/api/v1/groups/big/devices", json={"devices": ["a", "b", "c"]})
+    cmd = await api.command("group:big", kind="ping")
+    # the answer lists the first runs by device name, and counts all of them
+    assert [x["device_name"] for x in cmd["runs"]] == ["a", "b"]
+    assert cmd["runs_total"] == 3 and cmd["counts"] == {"queued": 3}
+    detail = (await api.get(f"/api/v1/commands/{cmd['id']}")).json()
+    assert [x["device_name"] for x in detail["runs"]] == ["a", "b", "c"]
+    assert detail["runs_total"] == 3
+
+
 async def test_not_before_and_expiry(api):
     dev = await api.new_device("timed")
     later = (utcnow() + timedelta(hours=1)).isoformat()

@@ -188,9 +188,10 @@ class CommandOut(BaseModel):
 
 
 class CommandDetail(CommandOut):
-    """A command with every run."""
+    """A command with its runs (every run, except in the answer to creating it)."""
 
     runs: list[RunOut]
+    runs_total: int = Field(description="how many runs the command has; `runs` may list fewer")
 
 
 class UploadStart(Strict):

@@ -35,6 +35,8 @@ from custos.push.hub import PushHub
 PENDING = ("queued", "sent")
 TERMINAL = ("succeeded", "failed", "interrupted", "expired", "rejected", "cancelled")
 RUN_ID_CHARS = set("0123456789abcdef")
+# runs listed in the answer to creating a command (the counts cover all of them)
+CREATE_RUNS_SHOWN = 100
 
 
 def _counts(rows: Sequence[tuple[str, int]]) -> dict[str, int]:
@@ -95,7 +97,9 @@ class CommandService:
                 # every process's work index learns when these runs become due
                 due_at = req.not_before.timestamp()
                 uow.after_commit(lambda: self.push.announce("later", device_ids, due_at))
-        return await self.show(command_id)
+        # the answer lists the first runs only: rendering 10,000 of them would hold up this
+        # process's deliveries to the very devices just woken (B3); GET shows them all
+        return await self.show(command_id, run_limit=CREATE_RUNS_SHOWN)
 
     async def queue(
         self,
@@ -177,28 +181,45 @@ class CommandService:
             counts=counts,
         )
 
-    async def show(self, command_id: str, *, output: bool = True) -> CommandDetail:
-        """A command and all its runs (without stdout/stderr when output is False: for polling)."""
+    async def show(
+        self, command_id: str, *, output: bool = True, run_limit: int | None = None
+    ) -> CommandDetail:
+        """A command and its runs by device name (all, or the first `run_limit`); counts of all.
+
+        Without stdout/stderr when output is False (for polling).
+        """
         async with self.db.read() as s:
             c = await s.get(Command, command_id)
             if c is None:
                 raise NotFound(f"no command {command_id!r}")
-            rows = (
-                await s.execute(
-                    select(CommandRun, Device.name)
-                    .join(Device, Device.id == CommandRun.device_id)
-                    .where(CommandRun.command_id == command_id)
-                    .order_by(Device.name)
-                    .options(
-                        *(() if output else (defer(CommandRun.stdout), defer(CommandRun.stderr)))
-                    )
+            query = (
+                select(CommandRun, Device.name)
+                .join(Device, Device.id == CommandRun.device_id)
+                .where(CommandRun.command_id == command_id)
+                .order_by(Device.name, CommandRun.id)
+                .options(*(() if output else (defer(CommandRun.stdout), defer(CommandRun.stderr))))
+            )
+            if run_limit is not None:
+                query = query.limit(run_limit)
+            rows = (await s.execute(query)).all()
+            counts: dict[str, int] = {}
+            if run_limit is not None and len(rows) >= run_limit:
+                counts = _counts(
+                    (
+                        await s.execute(
+                            select(CommandRun.state, func.count())
+                            .where(CommandRun.command_id == command_id)
+                            .group_by(CommandRun.state)
+                        )
+                    ).all()
                 )
-            ).all()
+            else:
+                for r, _ in rows:
+                    counts[r.state] = counts.get(r.state, 0) + 1
         runs = [self._run_out(r, name, output=output) for r, name in rows]
-        counts: dict[str, int] = {}
-        for r in runs:
-            counts[r.state] = counts.get(r.state, 0) + 1
-        return CommandDetail(**self._out(c, counts).model_dump(), runs=runs)
+        return CommandDetail(
+            **self._out(c, counts).model_dump(), runs=runs, runs_total=sum(counts.values())
+        )
 
     @staticmethod
     def _run_out(r: CommandRun, name: str, *, output: bool = True) -> RunOut:
