@@ -8,8 +8,12 @@ enrolled over the real protocol is deployed to, plans its transfer and downloads
 body with the agent's Downloader through a TCP proxy that cuts the connection at 50 %. The
 throughput part runs wrk (its own process) with 100 connections against the server's
 `GET /api/device/v1/transfers/{plan}` (pre-signed device request) and against nginx
-serving the same bytes as a static file (sendfile on). nginx and wrk come from Debian:
-`apt-get install -y nginx-light wrk`.
+serving the same bytes as a static file (sendfile on), in the same run. The server is
+restarted on the same data directory once per variant (--variants): sendfile of the stored
+wire file (the default), sendfile of the chunk frames (CUSTOS_TRANSFER_WIRE_FILES=false),
+the copying path (CUSTOS_TRANSFER_SENDFILE=false), and behind nginx with X-Accel-Redirect
+(CUSTOS_TRANSFER_OFFLOAD=x-accel, the docs/deploy-nginx.md configuration). nginx and wrk
+come from Debian: `apt-get install -y nginx-light wrk`.
 """
 
 from __future__ import annotations
@@ -179,25 +183,75 @@ def wrk(url: str, headers: dict[str, str], clients: int, duration: int) -> dict[
     }
 
 
-def start_nginx(root: Path, port: int, tmp: Path) -> subprocess.Popen[bytes]:
-    conf = tmp / "nginx.conf"
-    conf.write_text(
-        f"worker_processes 1;\ndaemon off;\npid {tmp}/nginx.pid;\nerror_log {tmp}/nginx.err;\n"
-        "events { worker_connections 1024; }\n"
-        "http { access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;\n"
-        f"  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};\n"
-        f"  uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n"
-        f"  server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n"
+NGINX_HTTP = (
+    # workers as root when the bench is root: the wire file is the server user's, mode 0640
+    "{user}worker_processes 1;\ndaemon off;\nerror_log {tmp}/nginx.err;\n"
+    "events {{ worker_connections 1024; }}\n"
+    "http {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;\n"
+    "  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};\n"
+    "  uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n"
+    "{servers} }}\n"
+)
+
+
+def offload_server(port: int, upstream_port: int, blobs: Path) -> str:
+    """The docs/deploy-nginx.md configuration, on plain HTTP."""
+    return (
+        f"  upstream custos {{ server 127.0.0.1:{upstream_port}; keepalive 32; }}\n"
+        f"  server {{ listen 127.0.0.1:{port};\n"
+        "    location / { proxy_pass http://custos; proxy_http_version 1.1;\n"
+        '      proxy_set_header Connection ""; proxy_set_header Host $http_host; }\n'
+        f"    location /_custos_blobs/ {{ internal; alias {blobs}/;\n"
+        "      types { } default_type application/octet-stream; etag off; max_ranges 1;\n"
+        "      add_header ETag $upstream_http_etag always;\n"
+        "      add_header X-Custos-Sha256 $upstream_http_x_custos_sha256 always; } }\n"
     )
-    proc = subprocess.Popen(["nginx", "-c", str(conf)])
+
+
+def start_nginx(servers: str, tmp: Path, name: str, probe: str) -> subprocess.Popen[bytes]:
+    conf = tmp / f"{name}.conf"
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf.write_text(NGINX_HTTP.format(user=user, tmp=tmp, servers=servers))
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-g", f"pid {tmp}/{name}.pid;"])
     for _ in range(50):
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/wire.bin", timeout=1).status_code == 200:
-                return proc
+            httpx.get(probe, timeout=1)
+            return proc
         except httpx.HTTPError:
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("nginx did not start")
+
+
+def stop_nginx(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        proc.wait(10)
+
+
+def wait_wire_file(blobs: Path, plan: dict, timeout: float = 120) -> None:
+    """Until the server has written the plan's wire file (in the background)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for f in blobs.glob(f"wire-*-{plan['id']}"):
+            if f.stat().st_size == plan["wire_size"]:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("the server did not write the wire file")
+
+
+# server variants: key -> (row name, extra environment, behind the offloading nginx)
+VARIANTS: dict[str, tuple[str, dict[str, str], bool]] = {
+    "wirefile": ("custos x1 (sendfile, wire file)", {}, False),
+    "chunks": (
+        "custos x1 (sendfile, chunk frames)",
+        {"CUSTOS_TRANSFER_WIRE_FILES": "false"},
+        False,
+    ),
+    "copying": ("custos x1 (copying)", {"CUSTOS_TRANSFER_SENDFILE": "false"}, False),
+    "xaccel": ("nginx -> custos x1 (x-accel)", {"CUSTOS_TRANSFER_OFFLOAD": "x-accel"}, True),
+}
+DEFAULT = "wirefile"  # what the target is judged on: the server as shipped, no proxy
 
 
 def main() -> int:
@@ -205,8 +259,16 @@ def main() -> int:
     ap.add_argument("--size-mb", type=float, default=50)
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--duration", type=int, default=15)
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated server variants to measure ({', '.join(VARIANTS)})",
+    )
     ap.add_argument("--record", nargs="?", const=str(RESULTS), default=None, metavar="FILE")
     args = ap.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        ap.error(f"unknown variants: {', '.join(unknown)}")
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
             print(f"bench: B7 needs {tool} (Debian/Ubuntu: apt-get install -y nginx-light wrk)")
@@ -216,44 +278,74 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="custos-b7-") as d:
         tmp = Path(d)
         port = free_port()
-        srv = Server(
-            name="custos x1",
-            argv=[
-                str(custos),
-                "server",
-                "--data-dir",
-                str(tmp / "data"),
-                "--port",
-                str(port),
-                "--insecure-http",
-            ],
-            url=f"http://127.0.0.1:{port}",
-            health="/healthz",
-            log=tmp / "server.log",
-            env={"CUSTOS_ADMIN_PASSWORD": PASSWORD, "CUSTOS_MAX_PACKAGE_BYTES": str(2 * size)},
-        )
+
+        def server(env: dict[str, str]) -> Server:
+            return Server(
+                name="custos x1",
+                argv=[str(custos), "server", "--data-dir", str(tmp / "data"),
+                      "--port", str(port), "--insecure-http"],
+                url=f"http://127.0.0.1:{port}",
+                health="/healthz",
+                log=tmp / "server.log",
+                env={"CUSTOS_ADMIN_PASSWORD": PASSWORD,
+                     "CUSTOS_MAX_PACKAGE_BYTES": str(2 * size),
+                     # wrk repeats one signed request for the whole run
+                     "CUSTOS_SIGNATURE_SKEW_S": "3600", **env},
+            )  # fmt: skip
+
+        srv = server({})
         srv.start()
-        nginx = None
         try:
             plan, cut, headers = asyncio.run(device_side(srv.url, port, tmp, size))
-            print(f"B7 cut at 50%: {cut}")
-            www = tmp / "www"
-            www.mkdir()
-            shutil.copy(tmp / "wire.bin", www / "wire.bin")
-            path = f"{protocol.DEVICE_API}/transfers/{plan['id']}"
-            nport = free_port()
-            nginx = start_nginx(www, nport, tmp)
+        finally:
+            srv.stop()
+        print(f"B7 cut at 50%: {cut}")
+        www = tmp / "www"
+        www.mkdir()
+        shutil.copy(tmp / "wire.bin", www / "wire.bin")
+        path = f"{protocol.DEVICE_API}/transfers/{plan['id']}"
+        nport = free_port()
+        nginx = start_nginx(
+            f"  server {{ listen 127.0.0.1:{nport}; root {www}; }}\n",
+            tmp,
+            "static",
+            f"http://127.0.0.1:{nport}/wire.bin",
+        )
+        try:
             results = {
                 "nginx (sendfile)": wrk(
                     f"http://127.0.0.1:{nport}/wire.bin", {}, args.clients, args.duration
-                ),
-                "custos x1": wrk(srv.url + path, headers, args.clients, args.duration),
+                )
             }
         finally:
-            srv.stop()
-            if nginx is not None:
-                nginx.terminate()
-                nginx.wait(10)
+            stop_nginx(nginx)
+        print(f"  nginx (sendfile): {results['nginx (sendfile)']}", flush=True)
+        for key in variants:
+            name, env, proxied = VARIANTS[key]
+            srv, front = server(env), None
+            srv.start()
+            try:
+                url = srv.url
+                if proxied:
+                    fport = free_port()
+                    blobs = tmp / "data" / "artifacts" / "blobs"
+                    front = start_nginx(
+                        offload_server(fport, port, blobs), tmp, "front",
+                        f"http://127.0.0.1:{fport}/healthz",
+                    )  # fmt: skip
+                    url = f"http://127.0.0.1:{fport}"
+                # one download first: the wire file is written after it (not part of the run)
+                r = httpx.get(url + path, headers=headers, timeout=120)
+                if r.status_code != 200 or len(r.content) != plan["wire_size"]:
+                    got = f"{r.status_code}, {len(r.content)} bytes: {r.text[:200]}"
+                    raise RuntimeError(f"{name}: {got}")
+                if env.get("CUSTOS_TRANSFER_WIRE_FILES") != "false":
+                    wait_wire_file(tmp / "data" / "artifacts" / "blobs", plan)
+                results[name] = wrk(url + path, headers, args.clients, args.duration)
+                print(f"  {name}: {results[name]}", flush=True)
+            finally:
+                stop_nginx(front)
+                srv.stop()
     base = results["nginx (sendfile)"]["bytes_s"]
     rows = [
         [name, f"{r['bytes_s'] / 2**20:.0f}", f"{r['req_s']:.2f}", f"{int(r['non2xx'])}",
@@ -261,14 +353,15 @@ def main() -> int:
         for name, r in results.items()
     ]  # fmt: skip
     ok_cut = cut["link_resent"] <= 64 * 1024
-    ok_tp = base > 0 and results["custos x1"]["bytes_s"] >= 0.7 * base
+    judged = VARIANTS[DEFAULT][0] if DEFAULT in variants else VARIANTS[variants[0]][0]
+    ok_tp = base > 0 and results[judged]["bytes_s"] >= 0.7 * base
     title = (
         f"B7 transfer: {plan['wire_size']:,}-byte wire body (a {args.size_mb:g} MB package, no "
         f"base); cut at 50%: {cut['link_resent']:,} B re-sent on the link, "
         f"{cut['server_resent']:,} B read again from the server (socket buffers), "
         f"target <= 64 KiB: {'meets' if ok_cut else 'misses'}; {args.clients} concurrent "
         f"downloads for {args.duration} s, load generator wrk (own process), plain HTTP: "
-        f"target >= 70% of nginx: {'meets' if ok_tp else 'misses'}"
+        f"{judged} against nginx, target >= 70%: {'meets' if ok_tp else 'misses'}"
     )
     header = ["server", "MiB/s", "downloads/s", "non-2xx", "of nginx"]
     print(title)
@@ -279,7 +372,8 @@ def main() -> int:
             Path(args.record),
             f"## B7 {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
             f"Command: `.venv/bin/python bench/b7.py --size-mb {args.size_mb:g} --clients "
-            f"{args.clients}`\n\n- machine: {info['cpus']} cpus, {info['cpu model']}\n\n"
+            f"{args.clients} --duration {args.duration} --variants {','.join(variants)}`\n\n"
+            f"- machine: {info['cpus']} cpus, {info['cpu model']}\n\n"
             f"{title}\n\n{fmt_table(header, rows, markdown=True)}\n",
         )
         print(f"recorded in {args.record}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -101,6 +101,31 @@ class Settings(BaseSettings):
     )
     software_refresh_s: float = Field(
         default=30.0, gt=0, le=86400, description="how often group and label targets are re-read"
+    )
+    software_group_limit_bps: dict[str, Annotated[int, Field(ge=1024)]] = Field(
+        default_factory=dict,
+        description="download rate caps (bytes/s) by device group name, e.g. "
+        '{"branch-office": 250000}; a device in several capped groups takes the lowest, and '
+        "a deployment's own limit applies as well (the lower wins)",
+    )
+    transfer_sendfile: bool = Field(
+        default=True,
+        description="send download bodies with sendfile (zero-copy) on plain-HTTP connections",
+    )
+    transfer_wire_files: bool = Field(
+        default=True,
+        description="keep each chunk plan's wire body as one stored file, written on its first "
+        "download and shared by every device with that plan (faster serving; more disk)",
+    )
+    transfer_offload: Literal["none", "x-accel"] = Field(
+        default="none",
+        description="none: this server sends download bodies (sendfile on plain HTTP); x-accel: "
+        "it authorises, then a front nginx sends the stored file (docs/deploy-nginx.md)",
+    )
+    transfer_offload_prefix: str = Field(
+        default="/_custos_blobs/",
+        pattern=r"^/[A-Za-z0-9/_.-]*/$",
+        description="nginx internal location that maps to ARTIFACT_DIR/blobs/ (x-accel)",
     )
 
     api_token_ttl_s: int = 12 * 3600

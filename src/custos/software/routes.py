@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tempfile
@@ -16,6 +17,7 @@ from custos.accounts.service import Principal
 from custos.errors import Invalid, NotFound, TooLarge
 from custos.server.container import Services
 from custos.server.http import admin, body_schema, parse_body, services, signed_device
+from custos.server.protocols import SENDFILE_EXTENSION, FileSegmentsResponse
 from custos.software.schemas import (
     CatalogInstall,
     DeploymentCreate,
@@ -242,8 +244,17 @@ async def get_transfer(
         raise NotFound("no such transfer") from None
     await svc.software.check_plan_access(auth.device_id, plan.target_sha256)
     size = plan.wire_size
-    etag = f'"{plan.id}"'
+    etag = f'"{plan_id}"'
     headers = {"accept-ranges": "bytes", "etag": etag, "x-custos-sha256": plan.wire_sha256}
+    offload = svc.settings.transfer_offload == "x-accel"
+    # the wire body as one file; until it is written (in the background) the chunk frames
+    whole = None
+    if offload or svc.settings.transfer_wire_files:
+        whole = await planner.ready_wire_file(plan, plan_id)
+    if offload and whole is not None:
+        # the front nginx sends the file, with Range and If-Range (docs/deploy-nginx.md)
+        headers["x-accel-redirect"] = svc.settings.transfer_offload_prefix + whole.name
+        return Response(headers=headers, media_type="application/octet-stream")
     start, end, status = 0, size, 200
     header = request.headers.get("range")
     if_range = request.headers.get("if-range")
@@ -261,6 +272,15 @@ async def get_transfer(
             status = 206
             headers["content-range"] = f"bytes {start}-{end - 1}/{size}"
     headers["content-length"] = str(end - start)
+    if svc.settings.transfer_sendfile and SENDFILE_EXTENSION in request.scope.get("extensions", {}):
+        # zero-copy: the server sends byte ranges of stored files with sendfile
+        if whole is not None or plan.kind == "delta":
+            segments = planner.wire_segments(plan, start, end, whole)
+        else:  # a walk over the plan's pieces
+            segments = await asyncio.to_thread(planner.wire_segments, plan, start, end)
+        return FileSegmentsResponse(
+            segments, status_code=status, headers=headers, media_type="application/octet-stream"
+        )
     return StreamingResponse(
         planner.iter_wire(plan, start, end),
         status_code=status,

@@ -54,6 +54,12 @@ class ArtifactStore(Protocol):
         """Forget an artifact; chunks no other artifact uses are removed."""
 
 
+def wire_blob_key(target_sha256: str, plan_id: str) -> str:
+    """The blob a chunk plan's wire body is materialised in (named after its artifact so
+    deleting the artifact finds it)."""
+    return f"wire-{target_sha256}-{plan_id}"
+
+
 class LocalArtifactStore:
     """Artifacts in a directory: recipes/, chunks/ab/…, blobs/."""
 
@@ -69,6 +75,10 @@ class LocalArtifactStore:
         if not SHA_RE.match(sha):
             raise KeyError(sha)
         return self.root / "chunks" / sha[:2] / sha
+
+    def chunk_path(self, chunk_sha256: str) -> Path:
+        """Where a chunk's frame is stored (for serving it without reading it)."""
+        return self._chunk_path(chunk_sha256)
 
     def _recipe_path(self, sha: str) -> Path:
         if not SHA_RE.match(sha):
@@ -164,6 +174,10 @@ class LocalArtifactStore:
         p = self._blob(key)
         return p if p.exists() else None
 
+    def blob_dir(self) -> Path:
+        """The directory blobs live in (a front proxy may serve wire blobs from it)."""
+        return self.root / "blobs"
+
     def tmp_dir(self) -> Path:
         """Where derived files are written before put_blob (same filesystem)."""
         self._dirs()
@@ -186,6 +200,11 @@ class LocalArtifactStore:
                     for f in shard.iterdir():
                         if f.name not in live:
                             f.unlink(missing_ok=True)
+            # wire bodies of plans for this artifact (named after it, see wire_blob_key)
+            blobs = self.root / "blobs"
+            if blobs.exists():
+                for f in blobs.glob(f"wire-{sha256}-*"):
+                    f.unlink(missing_ok=True)
 
     def stats(self) -> dict[str, int]:
         """Logical bytes (sum of artifact sizes) against bytes stored (chunk frames)."""
