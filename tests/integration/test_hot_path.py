@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,11 +121,12 @@ async def test_untrusted_index_asks_the_database_in_shared_batches(api):
 @pytest.mark.postgres
 async def test_pool_exhaustion_is_unavailable_not_an_internal_error():
     """No free database connection within the pool timeout is overload: 503, retry later."""
-    from conftest import pg_url
     from custos.db.engine import Database
     from custos.errors import Unavailable
 
-    tight = Database(pg_url("postgres"), pool_size=1, pool_timeout=0.2)
+    dsn = os.environ.get("CUSTOS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+    url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+    tight = Database(url, pool_size=1, pool_timeout=0.2)
     try:
         async with tight.transaction() as uow:
             await uow.session.execute(select_one())  # holds the only connection (no overflow)

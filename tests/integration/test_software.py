@@ -361,3 +361,39 @@ async def test_a_tampered_descriptor_or_artifact_is_refused(api, tmp_path):
     assert row["state"] in ("downloading", "failed") and row["state"] != "installed", row
     assert row["detail"].startswith("download rejected"), row
     assert pkg["sha256"] not in (p.name for p in (tmp_path / f"sw-{dev.device_id[:6]}").rglob("*"))
+
+
+async def test_group_rate_caps_split_the_command_by_limit(api, tmp_path):
+    """A device in a capped group downloads at its group's rate; the lower limit wins."""
+    target = tmp_path / "installed" / "capped.bin"
+    target.parent.mkdir()
+    pkg = await upload(api, cpkg(tmp_path / "capped-1.cpkg", "1.0", target, payload(5, 4096)))
+    for name in ("office", "branch", "branch2"):
+        await api.new_device(name)
+    await api.post("/api/v1/groups", json={"name": "branch-office"})
+    await api.post("/api/v1/groups", json={"name": "slow-link"})
+    await api.post("/api/v1/groups/branch-office/devices", json={"devices": ["branch", "branch2"]})
+    await api.post("/api/v1/groups/slow-link/devices", json={"devices": ["branch2"]})
+    svc = api.services.software
+    svc.group_limit_bps = {"branch-office": 500_000, "slow-link": 64_000}
+    r = await api.post(
+        "/api/v1/deployments",
+        json={
+            "package": pkg["name"],
+            "targets": {"devices": ["office", "branch", "branch2"]},
+            "limit_bps": 200_000,
+        },
+    )
+    assert r.status_code == 201, r.text
+    await svc.tick()
+    listed = (await api.get("/api/v1/commands")).json()
+    limits = {}
+    for c in listed:
+        if c["kind"] != "software":
+            continue
+        detail = (await api.get(f"/api/v1/commands/{c['id']}")).json()
+        for run in detail["runs"]:
+            limits[run["device_name"]] = c["payload"]["limit_bps"]
+    # office: the deployment's own limit; branch: still the deployment's (lower than the
+    # group's); branch2: the slow-link cap, lower than both
+    assert limits == {"office": 200_000, "branch": 200_000, "branch2": 64_000}

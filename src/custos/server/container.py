@@ -96,6 +96,7 @@ class Services:
             tmp_dir=settings.data_dir / "tmp",
             refresh_s=settings.software_refresh_s,
             default_limit_bps=settings.software_limit_bps,
+            group_limit_bps=settings.software_group_limit_bps,
         )
         return cls(
             settings=settings,

@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,7 @@ class SoftwareService:
         tmp_dir: Path,
         refresh_s: float = 30.0,
         default_limit_bps: int | None = None,
+        group_limit_bps: Mapping[str, int] | None = None,
     ) -> None:
         self.db = db
         self.store = store
@@ -111,6 +112,7 @@ class SoftwareService:
         self.tmp_dir = tmp_dir
         self.refresh_s = refresh_s
         self.default_limit_bps = default_limit_bps
+        self.group_limit_bps = dict(group_limit_bps or {})
         self._last_refresh = 0.0
         self._tick_lock = asyncio.Lock()
 
@@ -671,42 +673,71 @@ class SoftwareService:
             await self._send(uow, dep, list(due))
             return len(due)
 
-    async def _send(self, uow: UnitOfWork, dep: Deployment, device_ids: list[str]) -> str:
-        """Queue the `software` command for these devices and mark them queued."""
+    async def _send(self, uow: UnitOfWork, dep: Deployment, device_ids: list[str]) -> None:
+        """Queue the `software` command for these devices and mark them queued.
+
+        Devices whose groups cap their download rate (`software_group_limit_bps`) get their
+        own command with the lower limit: one command per distinct limit.
+        """
         s = uow.session
         pkg = await s.get(Package, dep.package_id)
         if pkg is None:
             raise NotFound("the deployment's package is gone")
-        cmd_id = await self.commands.queue(
-            uow,
-            kind="software",
-            payload=self.payload(dep, pkg, self.default_limit_bps),
-            target=f"deployment:{dep.name}",
-            device_ids=device_ids,
-            created_by=dep.created_by,
-            not_before=dep.download_at,
-        )
-        await s.execute(
-            update(DeploymentDevice)
-            .where(
-                DeploymentDevice.deployment_id == dep.id,
-                DeploymentDevice.device_id.in_(device_ids),
+        base = dep.limit_bps or self.default_limit_bps
+        caps = await self._group_caps(s, device_ids)
+        by_limit: dict[int | None, list[str]] = {}
+        for d in device_ids:
+            limits = [x for x in (base, caps.get(d)) if x]
+            by_limit.setdefault(min(limits) if limits else None, []).append(d)
+        for limit, ids in by_limit.items():
+            payload = self.payload(dep, pkg)
+            payload["limit_bps"] = limit
+            cmd_id = await self.commands.queue(
+                uow,
+                kind="software",
+                payload=payload,
+                target=f"deployment:{dep.name}",
+                device_ids=ids,
+                created_by=dep.created_by,
+                not_before=dep.download_at,
             )
-            .values(
-                state="queued",
-                package_id=pkg.id,
-                command_id=cmd_id,
-                progress=0,
-                attempts=DeploymentDevice.attempts + 1,
-                updated_at=utcnow(),
+            await s.execute(
+                update(DeploymentDevice)
+                .where(
+                    DeploymentDevice.deployment_id == dep.id,
+                    DeploymentDevice.device_id.in_(ids),
+                )
+                .values(
+                    state="queued",
+                    package_id=pkg.id,
+                    command_id=cmd_id,
+                    progress=0,
+                    attempts=DeploymentDevice.attempts + 1,
+                    updated_at=utcnow(),
+                )
             )
-        )
-        return cmd_id
+
+    async def _group_caps(self, s: AsyncSession, device_ids: list[str]) -> dict[str, int]:
+        """The lowest group rate cap of each device that is in a capped group."""
+        if not self.group_limit_bps:
+            return {}
+        caps: dict[str, int] = {}
+        for i in range(0, len(device_ids), 5000):
+            rows = await s.execute(
+                select(device_groups.c.device_id, Group.name)
+                .join(Group, Group.id == device_groups.c.group_id)
+                .where(
+                    Group.name.in_(list(self.group_limit_bps)),
+                    device_groups.c.device_id.in_(device_ids[i : i + 5000]),
+                )
+            )
+            for device_id, name in rows.all():
+                cap = self.group_limit_bps[name]
+                caps[device_id] = min(cap, caps.get(device_id, cap))
+        return caps
 
     @staticmethod
-    def payload(
-        dep: Deployment, pkg: Package, default_limit_bps: int | None = None
-    ) -> dict[str, Any]:
+    def payload(dep: Deployment, pkg: Package) -> dict[str, Any]:
         """What the agent needs to do the deployment alone: the signed descriptor and times."""
         return {
             "deployment_id": dep.id,
@@ -716,7 +747,7 @@ class SoftwareService:
             "signature": pkg.signature,
             "activate_at": dep.activate_at.isoformat() if dep.activate_at else None,
             "window": dep.window,
-            "limit_bps": dep.limit_bps or default_limit_bps,
+            "limit_bps": dep.limit_bps,  # _send puts the effective limit here
         }
 
     # --- what devices ask -----------------------------------------------------------------
