@@ -98,7 +98,7 @@ def test_a_real_agent_installs_and_removes_a_deb(e2e: E2E, tmp_path: Path) -> No
         subprocess.run(["dpkg", "--purge", name], capture_output=True, check=False)
 
 
-def test_self_service_catalogue_install(e2e: E2E, tmp_path: Path) -> None:
+def test_self_service_catalogue_install_then_removal(e2e: E2E, tmp_path: Path) -> None:
     target = tmp_path / "tool.txt"
     manifest = (
         'name = "notes"\nversion = "2.1"\ndescription = "a note"\n'
@@ -129,5 +129,26 @@ def test_self_service_catalogue_install(e2e: E2E, tmp_path: Path) -> None:
         assert target.read_text().strip() == "2.1"
         again = agent.cli("install", "nothing-like-this")
         assert again.returncode == 1 and "catalogue" in again.stderr
+
+        # and removed again, by its manifest's uninstall steps
+        r = e2e.admin.post(
+            "/api/v1/deployments",
+            json={
+                "package": "notes",
+                "targets": {"devices": [agent.device_id]},
+                "action": "uninstall",
+            },
+        )
+        assert r.status_code == 201, r.text
+        rm = r.json()
+        rows = wait_for(
+            "the cpkg removed",
+            lambda: [
+                d for d in _device_state(e2e, rm["id"]) if d["state"] in ("removed", "failed")
+            ],
+            timeout=60,
+        )
+        assert rows[0]["state"] == "removed", rows
+        assert not target.exists()
     finally:
         agent.stop()
