@@ -113,6 +113,7 @@ class SoftwareService:
         self.refresh_s = refresh_s
         self.default_limit_bps = default_limit_bps
         self.group_limit_bps = dict(group_limit_bps or {})
+        self._background: set[asyncio.Task[None]] = set()
         self._last_refresh = 0.0
         self._tick_lock = asyncio.Lock()
 
@@ -270,8 +271,15 @@ class SoftwareService:
                 uow.after_commit(lambda: self._forget_artifact(sha))
 
     def _forget_artifact(self, sha: str) -> None:
+        """Delete the artifact's files in a thread: a collection walks the whole store and
+        waits for ingests in progress, which must not stall the event loop."""
+        task = asyncio.get_running_loop().create_task(self._delete_files(sha))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _delete_files(self, sha: str) -> None:
         try:
-            self.store.delete(sha)
+            await asyncio.to_thread(self.store.delete, sha)
         except Exception:
             log.exception("software: deleting artifact %s failed", sha)
 

@@ -8,6 +8,8 @@ services call them in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -96,23 +98,37 @@ class LocalArtifactStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    @contextlib.contextmanager
+    def _gc_lock(self, exclusive: bool) -> Iterator[None]:
+        """Ingests share this lock; garbage collection takes it alone (across processes).
+
+        Without it a collection in one process could remove a chunk that an ingest in
+        another has just found present and is about to name in its recipe.
+        """
+        self._dirs()
+        fd = os.open(self.root / ".gc.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def ingest(self, path: Path) -> Recipe:
         """Chunk, compress new chunks, then write the recipe (last: it makes the artifact real)."""
         import zstandard as zstd
 
-        self._dirs()
         recipe = chunk_file(path)
         cctx = zstd.ZstdCompressor(level=CHUNK_LEVEL)
-        with path.open("rb") as fh:
+        with self._gc_lock(exclusive=False), path.open("rb") as fh:
             for c in recipe.chunks:
                 dest = self._chunk_path(c.sha256)
                 if dest.exists():
                     continue
                 fh.seek(c.offset)
                 self._write(dest, cctx.compress(fh.read(c.length)))
-        doc = recipe.to_dict()
-        doc["zsizes"] = [self.chunk_size(c.sha256) for c in recipe.chunks]
-        self._write(self._recipe_path(recipe.sha256), json.dumps(doc).encode())
+            doc = recipe.to_dict()
+            doc["zsizes"] = [self.chunk_size(c.sha256) for c in recipe.chunks]
+            self._write(self._recipe_path(recipe.sha256), json.dumps(doc).encode())
         return recipe
 
     def has(self, sha256: str) -> bool:
@@ -188,8 +204,11 @@ class LocalArtifactStore:
         return d.glob("*.json") if d.exists() else iter(())
 
     def delete(self, sha256: str) -> None:
-        """Remove the recipe, then every chunk no remaining recipe names."""
-        with self._lock:
+        """Remove the recipe, then every chunk no remaining recipe names.
+
+        Waits for ingests in progress (in any process) to finish: see `_gc_lock`.
+        """
+        with self._lock, self._gc_lock(exclusive=True):
             self._recipe_path(sha256).unlink(missing_ok=True)
             live: set[str] = set()
             for p in self._recipes():

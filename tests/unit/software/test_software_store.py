@@ -123,3 +123,40 @@ def test_blobs_are_kept_by_key(tmp_path: Path) -> None:
     for key in ("../escape", "UPPER", ".hidden", "", "a/b"):
         with pytest.raises(KeyError):
             store.blob_path(key)
+
+
+def test_collection_waits_for_an_ingest_in_another_process(
+    versions: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A delete must not sweep chunks while another process is ingesting (it may reuse them)."""
+    import subprocess
+    import sys
+    import time
+
+    store = LocalArtifactStore(tmp_path / "store")
+    r1 = store.ingest(versions[0])
+    # another process in the middle of an ingest: it holds the shared lock for 1.5 s
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(tmp_path / 'store' / '.gc.lock')!r}, os.O_RDWR)\n"
+            "fcntl.flock(fd, fcntl.LOCK_SH)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(1.5)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        store.delete(r1.sha256)
+        waited = time.monotonic() - started
+    finally:
+        holder.wait(10)
+        assert holder.stdout is not None
+        holder.stdout.close()
+    assert waited >= 1.0, waited  # it waited for the ingest to finish
+    assert chunk_files(tmp_path / "store") == set()
