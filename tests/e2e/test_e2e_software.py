@@ -48,6 +48,19 @@ def _device_state(e2e: E2E, dep_id: str) -> list[dict[str, Any]]:
     return r.json()["devices"]  # type: ignore[no-any-return]
 
 
+def _deploy_and_settle(e2e: E2E, body: dict[str, Any], done: str, what: str) -> dict[str, Any]:
+    """Create a deployment and wait until its (single) device reaches `done` or fails."""
+    r = e2e.admin.post("/api/v1/deployments", json=body)
+    assert r.status_code == 201, r.text
+    dep_id = r.json()["id"]
+    rows = wait_for(
+        what,
+        lambda: [d for d in _device_state(e2e, dep_id) if d["state"] in (done, "failed")],
+        timeout=60,
+    )
+    return rows[0]  # type: ignore[no-any-return]
+
+
 def test_a_real_agent_installs_and_removes_a_deb(e2e: E2E, tmp_path: Path) -> None:
     name = f"custos-e2e-{uuid.uuid4().hex[:8]}"
     marker = Path("/opt") / name / "hello.txt"
@@ -56,42 +69,18 @@ def test_a_real_agent_installs_and_removes_a_deb(e2e: E2E, tmp_path: Path) -> No
     agent = e2e.agent("sw-deb")
     agent.start()
     try:
-        r = e2e.admin.post(
-            "/api/v1/deployments",
-            json={"package": name, "targets": {"devices": [agent.device_id]}},
+        targets = {"devices": [agent.device_id]}
+        row = _deploy_and_settle(
+            e2e, {"package": name, "targets": targets}, "installed", "the deb installed"
         )
-        assert r.status_code == 201, r.text
-        dep = r.json()
-        rows = wait_for(
-            "the deb installed",
-            lambda: [
-                d for d in _device_state(e2e, dep["id"]) if d["state"] in ("installed", "failed")
-            ],
-            timeout=60,
-        )
-        assert rows[0]["state"] == "installed", rows
+        assert row["state"] == "installed", row
         assert marker.read_text() == "hello from a deb\n"
         status = subprocess.run(["dpkg", "-s", name], capture_output=True, text=True)
         assert "Status: install ok installed" in status.stdout
 
-        r = e2e.admin.post(
-            "/api/v1/deployments",
-            json={
-                "package": name,
-                "targets": {"devices": [agent.device_id]},
-                "action": "uninstall",
-            },
-        )
-        assert r.status_code == 201, r.text
-        rm = r.json()
-        rows = wait_for(
-            "the deb removed",
-            lambda: [
-                d for d in _device_state(e2e, rm["id"]) if d["state"] in ("removed", "failed")
-            ],
-            timeout=60,
-        )
-        assert rows[0]["state"] == "removed", rows
+        body = {"package": name, "targets": targets, "action": "uninstall"}
+        row = _deploy_and_settle(e2e, body, "removed", "the deb removed")
+        assert row["state"] == "removed", row
         assert not marker.exists()
     finally:
         agent.stop()
@@ -131,24 +120,13 @@ def test_self_service_catalogue_install_then_removal(e2e: E2E, tmp_path: Path) -
         assert again.returncode == 1 and "catalogue" in again.stderr
 
         # and removed again, by its manifest's uninstall steps
-        r = e2e.admin.post(
-            "/api/v1/deployments",
-            json={
-                "package": "notes",
-                "targets": {"devices": [agent.device_id]},
-                "action": "uninstall",
-            },
-        )
-        assert r.status_code == 201, r.text
-        rm = r.json()
-        rows = wait_for(
-            "the cpkg removed",
-            lambda: [
-                d for d in _device_state(e2e, rm["id"]) if d["state"] in ("removed", "failed")
-            ],
-            timeout=60,
-        )
-        assert rows[0]["state"] == "removed", rows
+        body = {
+            "package": "notes",
+            "targets": {"devices": [agent.device_id]},
+            "action": "uninstall",
+        }
+        row = _deploy_and_settle(e2e, body, "removed", "the cpkg removed")
+        assert row["state"] == "removed", row
         assert not target.exists()
     finally:
         agent.stop()
