@@ -67,3 +67,14 @@ class Unavailable(DomainError):
     def __init__(self, detail: str, *, code: str | None = None, retry_after: int = 2) -> None:
         super().__init__(detail, code=code)
         self.retry_after = retry_after
+
+
+class TooManyRequests(DomainError):
+    """Too many attempts (e.g. failed logins): wait `retry_after` seconds."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, detail: str, *, code: str | None = None, retry_after: int = 60) -> None:
+        super().__init__(detail, code=code)
+        self.retry_after = retry_after

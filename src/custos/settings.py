@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from custos.accounts.directory import LdapConfig
 
 
 class Settings(BaseSettings):
@@ -128,7 +131,99 @@ class Settings(BaseSettings):
         description="nginx internal location that maps to ARTIFACT_DIR/blobs/ (x-accel)",
     )
 
+    # LDAP / Active Directory sign-in (custos.accounts.directory); no ldap_url: no directory.
+    # Unset filters and attribute names take the preset's values.
+    ldap_url: str | None = Field(
+        default=None, description="ldap://host[:port] or ldaps://host[:port]; unset: off"
+    )
+    ldap_preset: Literal["openldap", "active_directory"] = Field(
+        default="openldap", description="which kind of server: picks the defaults below"
+    )
+    ldap_bind_dn: str | None = Field(
+        default=None, description="service account searching users and groups (unset: anonymous)"
+    )
+    ldap_bind_password: SecretStr | None = Field(
+        default=None, description="the service account's password"
+    )
+    ldap_user_base: str | None = Field(
+        default=None, description="subtree holding the users (required with ldap_url)"
+    )
+    ldap_user_filter: str | None = Field(
+        default=None, description="which entries are users (preset: inetOrgPerson / AD user)"
+    )
+    ldap_username_attr: str | None = Field(
+        default=None, description="attribute users sign in with (preset: uid / sAMAccountName)"
+    )
+    ldap_group_base: str | None = Field(
+        default=None, description="subtree holding the groups (default: ldap_user_base)"
+    )
+    ldap_group_filter: str | None = Field(
+        default=None, description="which entries are groups (preset: groupOfNames / AD group)"
+    )
+    ldap_member_attr: str | None = Field(
+        default=None, description="group attribute listing member DNs (preset: member)"
+    )
+    ldap_disabled_filter: str | None = Field(
+        default=None,
+        description="users matching it are disabled (preset: OpenLDAP administrative lock / "
+        'AD ACCOUNTDISABLE bit); "" checks nothing',
+    )
+    ldap_start_tls: bool = Field(default=False, description="StartTLS on an ldap:// URL")
+    ldap_ca_file: Path | None = Field(
+        default=None, description="CA bundle for ldaps:// and StartTLS (default: system CAs)"
+    )
+    ldap_timeout_s: float = Field(
+        default=5.0, gt=0, le=300, description="connect, response and search time limit"
+    )
+    ldap_max_users: int = Field(
+        default=100_000, ge=1, le=10_000_000, description="a larger directory listing is refused"
+    )
+    ldap_role_map: dict[str, str] = Field(
+        default_factory=dict,
+        description='group DN or bare group name -> role, e.g. {"cn=mdm-admins,ou=groups,'
+        'dc=example,dc=org": "admin", "helpdesk": "helpdesk"}',
+    )
+    ldap_sync_interval_s: int = Field(
+        default=900, ge=60, le=7 * 86400, description="how often directory users are re-read"
+    )
+
+    @model_validator(mode="after")
+    def _ldap_complete(self) -> Settings:
+        self.ldap_config()  # a ValueError names the setting that is missing or wrong
+        return self
+
+    def ldap_config(self) -> LdapConfig | None:
+        """The directory settings as an LdapConfig, or None when no ldap_url is set."""
+        if not self.ldap_url:
+            return None
+        from custos.accounts.directory import LdapConfig
+
+        if not self.ldap_user_base:
+            raise ValueError("ldap_user_base is required when ldap_url is set")
+        password = self.ldap_bind_password.get_secret_value() if self.ldap_bind_password else ""
+        if self.ldap_bind_dn and not password:
+            raise ValueError("ldap_bind_password is required with ldap_bind_dn")
+        return LdapConfig.preset(
+            self.ldap_preset,
+            url=self.ldap_url,
+            bind_dn=self.ldap_bind_dn or "",
+            bind_password=password,
+            user_base=self.ldap_user_base,
+            group_base=self.ldap_group_base or self.ldap_user_base,
+            user_filter=self.ldap_user_filter,
+            username_attr=self.ldap_username_attr,
+            group_filter=self.ldap_group_filter,
+            member_attr=self.ldap_member_attr,
+            disabled_filter=self.ldap_disabled_filter,
+            start_tls=self.ldap_start_tls,
+            ca_file=str(self.ldap_ca_file) if self.ldap_ca_file else None,
+            timeout_s=self.ldap_timeout_s,
+            max_users=self.ldap_max_users,
+        )
+
     api_token_ttl_s: int = 12 * 3600
+    # how long a console login lasts
+    console_session_ttl_s: int = Field(default=8 * 3600, ge=300, le=30 * 86400)
 
     @field_validator("port")
     @classmethod

@@ -346,7 +346,15 @@ def login_cmd(
             return sys.stdin.readline().rstrip("\r\n")
         return str(typer.prompt(f"Password for {user}", hide_input=True))
 
-    stored = login(url, user, ask, ca_fingerprint)
+    def ask_otp() -> str:
+        if password_stdin:
+            line = sys.stdin.readline().rstrip("\r\n")
+            if line:
+                return line
+            fail("this account needs a TOTP code: give it on the line after the password", code=2)
+        return str(typer.prompt("TOTP code"))
+
+    stored = login(url, user, ask, ca_fingerprint, otp=ask_otp)
     expires = parse_datetime(stored.expires_at)
     until = f" until {expires.astimezone():%Y-%m-%d %H:%M}" if expires else ""
     _err().print(

@@ -256,11 +256,16 @@ def fetch_ca(url: str) -> str:
 
 
 def login(
-    url: str, username: str, password: str | Callable[[], str], ca_fingerprint: str | None
+    url: str,
+    username: str,
+    password: str | Callable[[], str],
+    ca_fingerprint: str | None,
+    otp: Callable[[], str] | None = None,
 ) -> StoredLogin:
     """Pin the server's CA (checking the fingerprint if given), log in and store the token.
 
-    `password` may be a callable, asked only once the CA has been checked.
+    `password` may be a callable, asked only once the CA has been checked; `otp` is asked
+    when the server says the account needs a TOTP code.
     """
     import httpx
     from rich.console import Console
@@ -312,14 +317,14 @@ def login(
         tmp_ca = d / f".{CA_FILE}.pending"
         _write_private(tmp_ca, pem)
         verify = _tls_context(tmp_ca)
+    body = {"username": username, "password": password}
     try:
         try:
-            resp = httpx.post(
-                url + LOGIN_PATH,
-                json={"username": username, "password": password},
-                verify=verify,
-                timeout=TIMEOUT_S,
-            )
+            resp = httpx.post(url + LOGIN_PATH, json=body, verify=verify, timeout=TIMEOUT_S)
+            needs_otp = resp.status_code == 401 and _body_of(resp) is not None
+            if needs_otp and otp is not None and _error_code(resp) == "otp_required":
+                body["otp"] = otp()
+                resp = httpx.post(url + LOGIN_PATH, json=body, verify=verify, timeout=TIMEOUT_S)
         except httpx.HTTPError as exc:
             _connection_failed(url, exc)
     finally:
@@ -337,6 +342,11 @@ def login(
     )
     save_login(stored, pem)
     return stored
+
+
+def _error_code(resp: Any) -> str:
+    body = _body_of(resp)
+    return str(body.get("error", "")) if isinstance(body, dict) else ""
 
 
 # --------------------------------------------------------------------------- client

@@ -9,7 +9,16 @@ from custos import __version__
 
 def build_app() -> typer.Typer:
     """The Typer application with every command group registered."""
-    from custos.cli import admin_cmds, agent_cmd, demo_cmd, server_cmd, software_cmds, task_cmds
+    from custos.cli import (
+        admin_cmds,
+        agent_cmd,
+        audit_cmds,
+        demo_cmd,
+        server_cmd,
+        software_cmds,
+        task_cmds,
+        user_cmds,
+    )
 
     app = typer.Typer(
         help="Custos device management: server, agent and admin commands.",
@@ -27,6 +36,8 @@ def build_app() -> typer.Typer:
     admin_cmds.register(app)
     task_cmds.register(app)
     software_cmds.register(app)
+    audit_cmds.register(app)
+    user_cmds.register(app)
     agent_cmd.register(app)
     demo_cmd.register(app)
     return app

@@ -15,7 +15,7 @@ from custos.commands.schemas import (
     UploadState,
 )
 from custos.server.container import Services
-from custos.server.http import admin, body_schema, parse_body, services, signed_device
+from custos.server.http import body_schema, parse_body, require, services, signed_device
 
 admin_router = APIRouter(prefix="/api/v1", tags=["commands"])
 device_router = APIRouter(prefix=protocol.DEVICE_API, tags=["device protocol"])
@@ -23,40 +23,48 @@ device_router = APIRouter(prefix=protocol.DEVICE_API, tags=["device protocol"])
 
 @admin_router.post("/commands", response_model=CommandDetail, status_code=201)
 async def create_command(
-    body: CommandCreate, who: Principal = Depends(admin), svc: Services = Depends(services)
+    body: CommandCreate,
+    who: Principal = Depends(require("commands.run")),
+    svc: Services = Depends(services),
 ) -> CommandDetail:
     """Queue a command for a device, a list of devices or a group."""
-    return await svc.commands.create(body, who.username)
+    return await svc.commands.create(body, who.username, who.device_scope("commands.run"))
 
 
 @admin_router.get("/commands", response_model=list[CommandOut])
 async def list_commands(
     limit: int = Query(default=50, ge=1, le=1000),
     offset: int = Query(default=0, ge=0, le=2**31 - 1),
-    _who: Principal = Depends(admin),
+    who: Principal = Depends(require("commands.view")),
     svc: Services = Depends(services),
 ) -> list[CommandOut]:
     """Commands, newest first."""
-    return await svc.commands.list_commands(limit=limit, offset=offset)
+    return await svc.commands.list_commands(
+        limit=limit, offset=offset, scope=who.device_scope("commands.view")
+    )
 
 
 @admin_router.get("/commands/{command_id}", response_model=CommandDetail)
 async def show_command(
     command_id: str,
     output: bool = Query(default=True, description="false: leave stdout/stderr out (polling)"),
-    _who: Principal = Depends(admin),
+    who: Principal = Depends(require("commands.view")),
     svc: Services = Depends(services),
 ) -> CommandDetail:
     """A command with every device's run."""
-    return await svc.commands.show(command_id, output=output)
+    return await svc.commands.show(
+        command_id, output=output, scope=who.device_scope("commands.view")
+    )
 
 
 @admin_router.get("/runs/{run_id}/file")
 async def download_collected(
-    run_id: str, _who: Principal = Depends(admin), svc: Services = Depends(services)
+    run_id: str,
+    who: Principal = Depends(require("commands.view")),
+    svc: Services = Depends(services),
 ) -> FileResponse:
     """The file a collect_file run brought back."""
-    path, up = await svc.commands.upload_file(run_id)
+    path, up = await svc.commands.upload_file(run_id, who.device_scope("commands.view"))
     return FileResponse(
         path,
         media_type="application/octet-stream",

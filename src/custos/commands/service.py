@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, or_, select, tuple_, update
+from sqlalchemy import bindparam, func, insert, or_, select, true, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
@@ -28,7 +28,7 @@ from custos.commands.schemas import (
 from custos.db.base import new_id, utcnow
 from custos.db.engine import Database, UnitOfWork
 from custos.devices.models import Device
-from custos.devices.service import resolve_target
+from custos.devices.service import Scope, in_scope, resolve_target
 from custos.errors import Conflict, Invalid, NotFound, TooLarge
 from custos.push.hub import PushHub
 
@@ -68,11 +68,13 @@ class CommandService:
             )
         )
 
-    async def create(self, req: CommandCreate, created_by: str) -> CommandDetail:
+    async def create(
+        self, req: CommandCreate, created_by: str, scope: Scope = None
+    ) -> CommandDetail:
         """One command, one run per target device, in one transaction."""
         async with self.db.transaction() as uow:
             s = uow.session
-            device_ids = await resolve_target(s, req.target)
+            device_ids = await resolve_target(s, req.target, scope)
             now = utcnow()
             if req.expires_at is not None and req.expires_at <= now:
                 raise Invalid("expires_at is in the past")
@@ -143,12 +145,23 @@ class CommandService:
                 uow.after_commit(lambda: self.push.announce("later", ids, due_at))
         return cmd.id
 
-    async def list_commands(self, *, limit: int, offset: int) -> list[CommandOut]:
-        """Commands, newest first, with run counts by state (two queries)."""
+    async def list_commands(
+        self, *, limit: int, offset: int, scope: Scope = None
+    ) -> list[CommandOut]:
+        """Commands, newest first, with run counts by state (two queries).
+
+        With a scope: only commands with a run on a device in it, counting only those runs.
+        """
         async with self.db.read() as s:
+            visible: Any = true()
+            if scope is not None:
+                visible = Command.id.in_(
+                    select(CommandRun.command_id).where(in_scope(CommandRun.device_id, scope))
+                )
             cmds = (
                 await s.scalars(
                     select(Command)
+                    .where(visible)
                     .order_by(Command.created_at.desc(), Command.id)
                     .limit(limit)
                     .offset(offset)
@@ -160,7 +173,10 @@ class CommandService:
                 for cid, state, n in (
                     await s.execute(
                         select(CommandRun.command_id, CommandRun.state, func.count())
-                        .where(CommandRun.command_id.in_(ids))
+                        .where(
+                            CommandRun.command_id.in_(ids),
+                            in_scope(CommandRun.device_id, scope),
+                        )
                         .group_by(CommandRun.command_id, CommandRun.state)
                     )
                 ).all():
@@ -182,7 +198,12 @@ class CommandService:
         )
 
     async def show(
-        self, command_id: str, *, output: bool = True, run_limit: int | None = None
+        self,
+        command_id: str,
+        *,
+        output: bool = True,
+        run_limit: int | None = None,
+        scope: Scope = None,
     ) -> CommandDetail:
         """A command and its runs by device name (all, or the first `run_limit`); counts of all.
 
@@ -195,7 +216,7 @@ class CommandService:
             query = (
                 select(CommandRun, Device.name)
                 .join(Device, Device.id == CommandRun.device_id)
-                .where(CommandRun.command_id == command_id)
+                .where(CommandRun.command_id == command_id, in_scope(CommandRun.device_id, scope))
                 .order_by(Device.name, CommandRun.id)
                 .options(*(() if output else (defer(CommandRun.stdout), defer(CommandRun.stderr))))
             )
@@ -208,7 +229,10 @@ class CommandService:
                     (
                         await s.execute(
                             select(CommandRun.state, func.count())
-                            .where(CommandRun.command_id == command_id)
+                            .where(
+                                CommandRun.command_id == command_id,
+                                in_scope(CommandRun.device_id, scope),
+                            )
                             .group_by(CommandRun.state)
                         )
                     ).all()
@@ -216,6 +240,8 @@ class CommandService:
             else:
                 for r, _ in rows:
                     counts[r.state] = counts.get(r.state, 0) + 1
+            if scope is not None and not rows:
+                raise NotFound(f"no command {command_id!r}")
         runs = [self._run_out(r, name, output=output) for r, name in rows]
         return CommandDetail(
             **self._out(c, counts).model_dump(), runs=runs, runs_total=sum(counts.values())
@@ -519,10 +545,17 @@ class CommandService:
             raise Conflict("file hash does not match; upload restarted", code="hash_mismatch")
         return state
 
-    async def upload_file(self, run_id: str) -> tuple[Path, Upload]:
+    async def upload_file(self, run_id: str, scope: Scope = None) -> tuple[Path, Upload]:
         """The stored file of a completed collection, for download by an admin."""
         async with self.db.read() as s:
             up = await s.get(Upload, run_id) if len(run_id) == 32 else None
+            if up is not None and scope is not None:
+                visible = await s.scalar(
+                    select(CommandRun.id).where(
+                        CommandRun.id == run_id, in_scope(CommandRun.device_id, scope)
+                    )
+                )
+                up = up if visible else None
         if up is None or not up.complete:
             raise NotFound("no completed upload for that run")
         return self._upload_path(run_id), up

@@ -26,7 +26,14 @@ from custos.devices.schemas import (
     TokenOut,
 )
 from custos.server.container import Services
-from custos.server.http import admin, body_schema, parse_body, services, signed_device
+from custos.server.http import (
+    body_schema,
+    parse_body,
+    require,
+    require_everywhere,
+    services,
+    signed_device,
+)
 
 admin_router = APIRouter(prefix="/api/v1", tags=["devices"])
 device_router = APIRouter(prefix=protocol.DEVICE_API, tags=["device protocol"])
@@ -46,7 +53,7 @@ async def ca_info(svc: Services = Depends(services)) -> dict[str, str]:
 async def create_token(
     body: TokenCreate,
     request: Request,
-    who: Principal = Depends(admin),
+    who: Principal = Depends(require("devices.enroll")),
     svc: Services = Depends(services),
 ) -> TokenCreated:
     """Create an enrolment token; the secret is in this response only."""
@@ -55,7 +62,7 @@ async def create_token(
 
 @admin_router.get("/enrollment-tokens", response_model=list[TokenOut])
 async def list_tokens(
-    _who: Principal = Depends(admin), svc: Services = Depends(services)
+    _who: Principal = Depends(require("devices.enroll")), svc: Services = Depends(services)
 ) -> list[TokenOut]:
     """Every enrolment token."""
     return await svc.enrollment.list_tokens()
@@ -64,7 +71,7 @@ async def list_tokens(
 @admin_router.post("/enrollment-tokens/{token_id}/revoke", response_model=TokenOut)
 async def revoke_token(
     token_id: int = Path(ge=1, le=2**31 - 1),
-    _who: Principal = Depends(admin),
+    _who: Principal = Depends(require("devices.enroll")),
     svc: Services = Depends(services),
 ) -> TokenOut:
     """Revoke an enrolment token."""
@@ -78,21 +85,28 @@ async def list_devices(
     status: str | None = Query(default=None, pattern="^(active|retired)$"),
     limit: int = Query(default=100, ge=1, le=1000),
     offset: int = Query(default=0, ge=0, le=2**31 - 1),
-    _who: Principal = Depends(admin),
+    who: Principal = Depends(require("devices.view")),
     svc: Services = Depends(services),
 ) -> list[DeviceOut]:
     """Devices, filtered and paginated."""
     return await svc.devices.list_devices(
-        q=q, group=group, status=status, limit=limit, offset=offset
+        q=q,
+        group=group,
+        status=status,
+        limit=limit,
+        offset=offset,
+        scope=who.device_scope("devices.view"),
     )
 
 
 @admin_router.get("/devices/{ref}", response_model=DeviceDetail)
 async def show_device(
-    ref: str, _who: Principal = Depends(admin), svc: Services = Depends(services)
+    ref: str,
+    who: Principal = Depends(require("devices.view")),
+    svc: Services = Depends(services),
 ) -> DeviceDetail:
     """One device (by id or unique name) with its inventory."""
-    return await svc.devices.show(ref)
+    return await svc.devices.show(ref, who.device_scope("devices.view"))
 
 
 @admin_router.get("/devices/{ref}/history", response_model=list[InventoryChangeOut])
@@ -100,24 +114,30 @@ async def device_history(
     ref: str,
     key: str | None = Query(default=None, max_length=512, description="key prefix, e.g. sw."),
     limit: int = Query(default=500, ge=1, le=10_000),
-    _who: Principal = Depends(admin),
+    who: Principal = Depends(require("devices.view")),
     svc: Services = Depends(services),
 ) -> list[InventoryChangeOut]:
     """Inventory changes, newest first."""
-    return await svc.devices.history(ref, key_prefix=key, limit=limit)
+    return await svc.devices.history(
+        ref, key_prefix=key, limit=limit, scope=who.device_scope("devices.view")
+    )
 
 
 @admin_router.post("/devices/{ref}/retire", response_model=DeviceDetail)
 async def retire_device(
-    ref: str, _who: Principal = Depends(admin), svc: Services = Depends(services)
+    ref: str,
+    who: Principal = Depends(require("devices.manage")),
+    svc: Services = Depends(services),
 ) -> DeviceDetail:
     """Retire a device and revoke its certificate."""
-    return await svc.devices.retire(ref)
+    return await svc.devices.retire(ref, who.device_scope("devices.manage"))
 
 
 @admin_router.post("/groups", response_model=GroupOut, status_code=201)
 async def create_group(
-    body: GroupCreate, _who: Principal = Depends(admin), svc: Services = Depends(services)
+    body: GroupCreate,
+    _who: Principal = Depends(require_everywhere("devices.manage")),
+    svc: Services = Depends(services),
 ) -> GroupOut:
     """Create a group."""
     return await svc.devices.create_group(body)
@@ -125,7 +145,7 @@ async def create_group(
 
 @admin_router.get("/groups", response_model=list[GroupOut])
 async def list_groups(
-    _who: Principal = Depends(admin), svc: Services = Depends(services)
+    _who: Principal = Depends(require("devices.view")), svc: Services = Depends(services)
 ) -> list[GroupOut]:
     """Groups with member counts."""
     return await svc.devices.list_groups()
@@ -135,7 +155,7 @@ async def list_groups(
 async def add_group_members(
     name: str,
     body: GroupMembers,
-    _who: Principal = Depends(admin),
+    _who: Principal = Depends(require_everywhere("devices.manage")),
     svc: Services = Depends(services),
 ) -> GroupOut:
     """Add devices to a group."""

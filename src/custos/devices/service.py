@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -40,6 +40,7 @@ from custos.devices.schemas import (
 )
 from custos.errors import Conflict, Forbidden, Invalid, NotFound
 from custos.push.hub import PushHub
+from custos.reports.service import sync_installed_software
 
 ENROLL_TOKEN_PREFIX = "cet_"  # noqa: S105 - a marker, not a secret
 
@@ -204,25 +205,45 @@ class EnrollmentService:
         )
 
 
-async def resolve_device(s: AsyncSession, ref: str) -> Device:
-    """A device by id, or by name when the name is unique."""
+# the device groups a caller is limited to (custos.accounts.service.Principal.device_scope);
+# None means every device
+Scope = frozenset[int] | None
+
+
+def in_scope(device_id: Any, scope: Scope) -> Any:
+    """A WHERE clause keeping devices in one of the scope's groups (TRUE for no scope)."""
+    if scope is None:
+        return true()
+    return device_id.in_(
+        select(device_groups.c.device_id).where(device_groups.c.group_id.in_(sorted(scope)))
+    )
+
+
+async def resolve_device(s: AsyncSession, ref: str, scope: Scope = None) -> Device:
+    """A device by id, or by name when the name is unique; outside the scope it is not found."""
     dev = await s.get(Device, ref) if len(ref) == 32 else None
-    if dev is not None:
-        return dev
-    rows = (await s.scalars(select(Device).where(Device.name == ref).limit(2))).all()
-    if not rows:
+    if dev is None:
+        rows = (await s.scalars(select(Device).where(Device.name == ref).limit(2))).all()
+        if not rows:
+            raise NotFound(f"no device {ref!r}")
+        if len(rows) > 1:
+            raise Conflict(f"several devices are named {ref!r}; use the device id")
+        dev = rows[0]
+    if scope is not None and not await s.scalar(
+        select(device_groups.c.device_id)
+        .where(device_groups.c.device_id == dev.id, device_groups.c.group_id.in_(sorted(scope)))
+        .limit(1)
+    ):
         raise NotFound(f"no device {ref!r}")
-    if len(rows) > 1:
-        raise Conflict(f"several devices are named {ref!r}; use the device id")
-    return rows[0]
+    return dev
 
 
-async def resolve_target(s: AsyncSession, target: str) -> list[str]:
+async def resolve_target(s: AsyncSession, target: str, scope: Scope = None) -> list[str]:
     """Active device ids for 'group:NAME', a comma-separated list, or one device id or name."""
     if target.startswith("group:"):
         name = target[len("group:") :]
         gid = await s.scalar(select(Group.id).where(Group.name == name))
-        if gid is None:
+        if gid is None or (scope is not None and gid not in scope):
             raise NotFound(f"no group named {name!r}")
         ids = (
             await s.scalars(
@@ -236,7 +257,7 @@ async def resolve_target(s: AsyncSession, target: str) -> list[str]:
         return list(ids)
     ids = []
     for ref in dict.fromkeys(p.strip() for p in target.split(",") if p.strip()):
-        dev = await resolve_device(s, ref)
+        dev = await resolve_device(s, ref, scope)
         if dev.status != "active":
             raise Conflict(f"device {ref!r} is {dev.status}")
         ids.append(dev.id)
@@ -268,10 +289,22 @@ class DeviceService:
         self.push = push
 
     async def list_devices(
-        self, *, q: str | None, group: str | None, status: str | None, limit: int, offset: int
+        self,
+        *,
+        q: str | None,
+        group: str | None,
+        status: str | None,
+        limit: int,
+        offset: int,
+        scope: Scope = None,
     ) -> list[DeviceOut]:
         """Devices, filtered, in name order; two queries whatever the page size."""
-        stmt = select(Device).options(selectinload(Device.groups)).order_by(Device.name, Device.id)
+        stmt = (
+            select(Device)
+            .options(selectinload(Device.groups))
+            .where(in_scope(Device.id, scope))
+            .order_by(Device.name, Device.id)
+        )
         if q:
             like = f"%{q.lower()}%"
             stmt = stmt.where(or_(func.lower(Device.name).like(like), Device.id.like(like)))
@@ -287,10 +320,10 @@ class DeviceService:
             devices = (await s.scalars(stmt.limit(limit).offset(offset))).all()
             return [DeviceOut(**_device_out(d)) for d in devices]
 
-    async def show(self, ref: str) -> DeviceDetail:
+    async def show(self, ref: str, scope: Scope = None) -> DeviceDetail:
         """One device with inventory."""
         async with self.db.read() as s:
-            d = await resolve_device(s, ref)
+            d = await resolve_device(s, ref, scope)
             await s.refresh(d, ["groups"])
             return DeviceDetail(
                 **_device_out(d),
@@ -305,11 +338,11 @@ class DeviceService:
             )
 
     async def history(
-        self, ref: str, *, key_prefix: str | None, limit: int
+        self, ref: str, *, key_prefix: str | None, limit: int, scope: Scope = None
     ) -> list[InventoryChangeOut]:
         """Inventory changes of a device, newest first."""
         async with self.db.read() as s:
-            d = await resolve_device(s, ref)
+            d = await resolve_device(s, ref, scope)
             stmt = select(InventoryChange).where(InventoryChange.device_id == d.id)
             if key_prefix:
                 stmt = stmt.where(InventoryChange.key.startswith(key_prefix, autoescape=True))
@@ -319,10 +352,10 @@ class DeviceService:
                 for r in rows
             ]
 
-    async def retire(self, ref: str) -> DeviceDetail:
+    async def retire(self, ref: str, scope: Scope = None) -> DeviceDetail:
         """Retire a device: revoke its certificate; every later request from it is refused."""
         async with self.db.transaction() as uow:
-            d = await resolve_device(uow.session, ref)
+            d = await resolve_device(uow.session, ref, scope)
             if d.status != "retired":
                 d.status = "retired"
                 d.retired_at = utcnow()
@@ -424,6 +457,8 @@ async def apply_inventory(s: AsyncSession, device: Device, delta: InventoryDelta
     device.inventory = new
     device.inventory_version = version
     device.inventory_updated_at = now
+    # reports hook: installed_software follows the sw.* keys in this same transaction
+    await sync_installed_software(s, device.id, changes, full=new if delta.full else None)
     # the enrolment facts follow the inventory for the keys they share
     if changes:
         if not first_snapshot:

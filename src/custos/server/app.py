@@ -13,11 +13,15 @@ from fastapi.responses import JSONResponse
 
 from custos import __version__
 from custos.accounts import routes as account_routes
+from custos.audit import routes as audit_routes
+from custos.audit.middleware import AuditMiddleware
 from custos.commands import routes as command_routes
+from custos.console import routes as console_routes
 from custos.db.engine import Database
 from custos.devices import routes as device_routes
 from custos.push import routes as push_routes
 from custos.push.hub import build_push
+from custos.reports import routes as report_routes
 from custos.server.bootstrap import bootstrap
 from custos.server.container import Services
 from custos.server.fastpath import CheckinFastPath
@@ -47,6 +51,9 @@ def create_app(settings: Settings) -> FastAPI:
         jobs.every(settings.cache_resync_s, "resync-caches", svc.resync_caches)
         jobs.every(settings.software_tick_s, "advance-rollouts", svc.software.tick)
         jobs.every(svc.push_sockets.ping_interval_s, "push-keepalive", svc.push_sockets.sweep)
+        if svc.accounts.directory is not None:
+            jobs.every(settings.ldap_sync_interval_s, "directory-sync", svc.accounts.sync_directory)
+        jobs.every(60, "refresh-report-summary", svc.reports.tick)
         await push.start()
         await svc.authenticator.preload(settings.auth_preload_devices)
         await svc.resync_caches()
@@ -78,12 +85,17 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     logging.getLogger("uvicorn.error").addFilter(push_routes.DENIAL_LOG_FILTER)
-    # the last added is the outermost: the guard's URL and body limits apply to the fast path
+    # the last added is the outermost: the guard's URL and body limits apply to the fast path;
+    # the audit layer sits inside the fast path, so check-ins never reach it
+    app.add_middleware(AuditMiddleware)
     app.add_middleware(CheckinFastPath)
     app.add_middleware(
         RequestGuard,
         limit=settings.max_body_bytes,
-        larger=[(software_routes.PACKAGES_PATH, settings.max_package_bytes)],
+        larger=[
+            (software_routes.PACKAGES_PATH, settings.max_package_bytes),
+            (console_routes.UPLOAD_PATH, settings.max_package_bytes),
+        ],
     )
 
     @app.get("/healthz", include_in_schema=False)
@@ -107,8 +119,12 @@ def create_app(settings: Settings) -> FastAPI:
         software_routes.admin_router,
         software_routes.device_router,
         push_routes.device_router,
+        report_routes.router,
+        audit_routes.router,
     ):
         app.include_router(r)
+    # the web console: its pages, /console/static and `/` redirecting to it
+    console_routes.install(app)
     return app
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from custos.accounts.service import AccountService
+from custos.audit.service import AuditService
 from custos.commands.index import WorkIndex
 from custos.commands.service import CommandService
 from custos.db.engine import Database
@@ -18,6 +19,7 @@ from custos.devices.identity import DeviceAuthenticator
 from custos.devices.service import DeviceService, EnrollmentService
 from custos.push.hub import Event, PushHub
 from custos.push.wire import PushSockets
+from custos.reports.service import ReportService
 from custos.settings import Settings
 from custos.software.service import SoftwareService
 from custos.software.store import LocalArtifactStore
@@ -44,6 +46,17 @@ def _background(coro: Coroutine[Any, Any, object], name: str) -> None:
 PUSH_PING_INTERVAL_S = 20.0
 
 
+def _directory(settings: Settings) -> object | None:
+    """The LDAP / AD sign-in, when a directory is configured (connections open on use)."""
+    config = settings.ldap_config()
+    if config is None:
+        return None
+    from custos.accounts.directory import LdapDirectory
+    from custos.accounts.sync import DirectoryLogin
+
+    return DirectoryLogin(LdapDirectory(config), settings.ldap_role_map)
+
+
 @dataclass
 class Services:
     """Everything a request handler may need; one instance per process."""
@@ -62,6 +75,8 @@ class Services:
     tasks: TaskService
     software: SoftwareService
     push_sockets: PushSockets
+    reports: ReportService
+    audit: AuditService
 
     @classmethod
     def build(
@@ -103,7 +118,13 @@ class Services:
             db=db,
             ca=ca,
             authenticator=auth,
-            accounts=AccountService(db, settings.api_token_ttl_s),
+            accounts=AccountService(
+                db,
+                settings.api_token_ttl_s,
+                session_ttl_s=settings.console_session_ttl_s,
+                secret=ca.derive_secret("account-secrets"),
+                directory=_directory(settings),
+            ),
             enrollment=EnrollmentService(db, ca, settings.checkin_interval_s),
             devices=DeviceService(db, auth, push=push),
             commands=commands,
@@ -120,6 +141,8 @@ class Services:
             tasks=TaskService(db, commands),
             software=software,
             push_sockets=PushSockets(PUSH_PING_INTERVAL_S),
+            reports=ReportService(db),
+            audit=AuditService(db),
         )
 
     async def resync_caches(self) -> None:

@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -17,9 +17,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from custos import protocol
+from custos.accounts.permissions import PERMISSIONS
 from custos.accounts.service import Principal
 from custos.devices.identity import DeviceAuth
-from custos.errors import DomainError, Invalid, Unauthorized, Unavailable
+from custos.errors import (
+    DomainError,
+    Forbidden,
+    Invalid,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
 from custos.server.container import Services
 
 log = logging.getLogger(__name__)
@@ -40,7 +48,7 @@ def install_error_handlers(app: Any) -> None:
         if exc.status == 401:
             # lets an agent with a wrong clock correct itself and retry
             resp.headers[protocol.H_SERVER_TIME] = f"{time.time():.3f}"
-        elif isinstance(exc, Unavailable):
+        elif isinstance(exc, Unavailable | TooManyRequests):
             resp.headers["retry-after"] = str(exc.retry_after)
         return resp
 
@@ -191,13 +199,49 @@ async def services(request: Request) -> Services:
 
 
 async def admin(request: Request) -> Principal:
-    """The administrator behind the bearer token."""
+    """The user behind the bearer token (any permissions); kept on request.state for the audit."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("an API token is required (Authorization: Bearer …)", code="no_token")
     svc: Services = request.app.state.services
-    return await svc.accounts.authenticate(token.strip())
+    who = await svc.accounts.authenticate(token.strip())
+    request.state.principal = who
+    return who
+
+
+def require(perm: str) -> Callable[[Request], Awaitable[Principal]]:
+    """A dependency: the caller, who must hold `perm` (everywhere or on some device groups).
+
+    Scoped holders pass here; the service then limits them to their groups' devices.
+    """
+    if perm not in PERMISSIONS:
+        raise ValueError(f"unknown permission {perm!r}")
+
+    async def dependency(request: Request) -> Principal:
+        who = await admin(request)
+        if not who.can(perm):
+            raise Forbidden(f"this needs the {perm!r} permission", code="forbidden")
+        return who
+
+    dependency.__name__ = f"require_{perm.replace('.', '_')}"
+    return dependency
+
+
+def require_everywhere(perm: str) -> Callable[[Request], Awaitable[Principal]]:
+    """A dependency: the caller, who must hold `perm` without a group scope."""
+    if perm not in PERMISSIONS:
+        raise ValueError(f"unknown permission {perm!r}")
+
+    async def dependency(request: Request) -> Principal:
+        who = await admin(request)
+        if not who.can_everywhere(perm):
+            detail = f"this needs the {perm!r} permission on every device, not only some groups"
+            raise Forbidden(detail if who.can(perm) else f"this needs the {perm!r} permission")
+        return who
+
+    dependency.__name__ = f"require_all_{perm.replace('.', '_')}"
+    return dependency
 
 
 async def signed_device(
@@ -218,3 +262,8 @@ async def signed_device(
         allow_session=allow_session,
     )
     return auth, body
+
+
+def client_address(request: Request) -> str:
+    """The peer's address (the login limiter's key; behind a proxy, the proxy's)."""
+    return request.client.host if request.client else ""

@@ -16,7 +16,7 @@ from custos import protocol
 from custos.accounts.service import Principal
 from custos.errors import Invalid, NotFound, TooLarge
 from custos.server.container import Services
-from custos.server.http import admin, body_schema, parse_body, services, signed_device
+from custos.server.http import body_schema, parse_body, require_everywhere, services, signed_device
 from custos.server.protocols import SENDFILE_EXTENSION, FileSegmentsResponse
 from custos.software.schemas import (
     CatalogInstall,
@@ -58,7 +58,7 @@ async def upload_package(
     version: str | None = Query(default=None, max_length=100),
     destination: str | None = Query(default=None, max_length=4096),
     mode: str | None = Query(default=None, pattern=r"^0?[0-7]{3,4}$"),
-    who: Principal = Depends(admin),
+    who: Principal = Depends(require_everywhere("software.manage")),
     svc: Services = Depends(services),
 ) -> PackageDetail:
     """Upload a package file as the raw request body (streamed to disk, then inspected)."""
@@ -105,7 +105,7 @@ async def list_packages(
     name: str | None = Query(default=None, max_length=100),
     limit: int = Query(default=100, ge=1, le=1000),
     offset: int = Query(default=0, ge=0, le=2**31 - 1),
-    _who: Principal = Depends(admin),
+    _who: Principal = Depends(require_everywhere("software.view")),
     svc: Services = Depends(services),
 ) -> list[PackageOut]:
     """Package versions, newest first."""
@@ -114,7 +114,9 @@ async def list_packages(
 
 @admin_router.get("/packages/{ref}", response_model=PackageDetail)
 async def show_package(
-    ref: str, _who: Principal = Depends(admin), svc: Services = Depends(services)
+    ref: str,
+    _who: Principal = Depends(require_everywhere("software.view")),
+    svc: Services = Depends(services),
 ) -> PackageDetail:
     """One package: id, NAME (newest) or NAME==VERSION."""
     return await svc.software.show_package(ref)
@@ -122,7 +124,9 @@ async def show_package(
 
 @admin_router.delete("/packages/{ref}", status_code=204)
 async def remove_package(
-    ref: str, _who: Principal = Depends(admin), svc: Services = Depends(services)
+    ref: str,
+    _who: Principal = Depends(require_everywhere("software.manage")),
+    svc: Services = Depends(services),
 ) -> Response:
     """Delete a package version that no deployment uses."""
     await svc.software.remove_package(ref)
@@ -134,7 +138,9 @@ async def remove_package(
 
 @admin_router.post("/labels", response_model=LabelOut, status_code=201)
 async def create_label(
-    body: LabelCreate, _who: Principal = Depends(admin), svc: Services = Depends(services)
+    body: LabelCreate,
+    _who: Principal = Depends(require_everywhere("software.manage")),
+    svc: Services = Depends(services),
 ) -> LabelOut:
     """A label: devices whose inventory matches every condition."""
     return await svc.software.create_label(body)
@@ -142,7 +148,8 @@ async def create_label(
 
 @admin_router.get("/labels", response_model=list[LabelOut])
 async def list_labels(
-    _who: Principal = Depends(admin), svc: Services = Depends(services)
+    _who: Principal = Depends(require_everywhere("software.view")),
+    svc: Services = Depends(services),
 ) -> list[LabelOut]:
     """Labels with their current number of devices."""
     return await svc.software.list_labels()
@@ -150,7 +157,9 @@ async def list_labels(
 
 @admin_router.delete("/labels/{name}", status_code=204)
 async def remove_label(
-    name: str, _who: Principal = Depends(admin), svc: Services = Depends(services)
+    name: str,
+    _who: Principal = Depends(require_everywhere("software.manage")),
+    svc: Services = Depends(services),
 ) -> Response:
     """Delete a label."""
     await svc.software.remove_label(name)
@@ -162,7 +171,9 @@ async def remove_label(
 
 @admin_router.post("/deployments", response_model=DeploymentDetail, status_code=201)
 async def create_deployment(
-    body: DeploymentCreate, who: Principal = Depends(admin), svc: Services = Depends(services)
+    body: DeploymentCreate,
+    who: Principal = Depends(require_everywhere("software.deploy")),
+    svc: Services = Depends(services),
 ) -> DeploymentDetail:
     """Deploy (or remove) a package on devices, groups and labels."""
     return await svc.software.create_deployment(body, who.username)
@@ -172,7 +183,7 @@ async def create_deployment(
 async def list_deployments(
     limit: int = Query(default=50, ge=1, le=1000),
     offset: int = Query(default=0, ge=0, le=2**31 - 1),
-    _who: Principal = Depends(admin),
+    _who: Principal = Depends(require_everywhere("software.view")),
     svc: Services = Depends(services),
 ) -> list[DeploymentOut]:
     """Deployments, newest first, with device counts by state."""
@@ -181,7 +192,9 @@ async def list_deployments(
 
 @admin_router.get("/deployments/{ref}", response_model=DeploymentDetail)
 async def show_deployment(
-    ref: str, _who: Principal = Depends(admin), svc: Services = Depends(services)
+    ref: str,
+    _who: Principal = Depends(require_everywhere("software.view")),
+    svc: Services = Depends(services),
 ) -> DeploymentDetail:
     """A deployment with every device's status."""
     return await svc.software.show_deployment(ref)
@@ -189,7 +202,10 @@ async def show_deployment(
 
 @admin_router.post("/deployments/{ref}/{action}", response_model=DeploymentDetail)
 async def change_deployment(
-    ref: str, action: str, _who: Principal = Depends(admin), svc: Services = Depends(services)
+    ref: str,
+    action: str,
+    _who: Principal = Depends(require_everywhere("software.deploy")),
+    svc: Services = Depends(services),
 ) -> DeploymentDetail:
     """pause, resume or abort."""
     if action not in ("pause", "resume", "abort"):

@@ -1,0 +1,1 @@
+"""The tamper-evident audit log: every admin action, append-only, chained by SHA-256."""

@@ -1,0 +1,1 @@
+"""The web administration console: server-rendered pages (Jinja2 + htmx), no build step."""
