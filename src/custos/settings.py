@@ -222,6 +222,9 @@ class Settings(BaseSettings):
         )
 
     api_token_ttl_s: int = 12 * 3600
+    # load balancers / proxies (CIDRs) whose X-Forwarded-For names the real client, for the
+    # audit log and the login limiter; empty: the peer address is the client
+    trusted_proxies: list[str] = Field(default_factory=list, max_length=100)
     # how long a console login lasts
     console_session_ttl_s: int = Field(default=8 * 3600, ge=300, le=30 * 86400)
 
@@ -230,6 +233,18 @@ class Settings(BaseSettings):
     def _port_range(cls, v: int) -> int:
         if not 0 <= v <= 65535:
             raise ValueError("port must be between 0 and 65535")
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {cidr!r} is not an address or CIDR") from None
         return v
 
     @field_validator("mqtt_url", "mqtt_device_url")

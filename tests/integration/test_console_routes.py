@@ -192,3 +192,43 @@ async def test_helpdesk_sees_no_admin_actions(api: Api) -> None:
         assert retire.status_code == 403
         assert (await api.services.devices.show(dev.device_id)).status == "active"
         assert (await http.post("/console/users", data={"csrf": csrf})).status_code == 403
+
+
+async def test_operator_scoped_to_a_group_sees_only_its_devices(api: Api) -> None:
+    inside = await api.new_device("lyon-1")
+    outside = await api.new_device("oslo-1")
+    for name, dev in (("lyon", inside), ("oslo", outside)):
+        assert (await api.post("/api/v1/groups", json={"name": name})).status_code == 201
+        r = await api.post(f"/api/v1/groups/{name}/devices", json={"devices": [dev.device_id]})
+        assert r.status_code == 200
+    await api.command(f"{inside.device_id},{outside.device_id}", kind="exec", argv=["id"])
+    r = await api.post(
+        "/api/v1/users",
+        json={"username": "op", "password": "operator-pw-1", "roles": ["operator"],
+              "groups": ["lyon"]},
+    )  # fmt: skip
+    assert r.status_code == 201, r.text
+    transport = httpx.ASGITransport(app=api.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        await console_login(http, "op", "operator-pw-1")
+        listing = await http.get("/console/devices")
+        assert "lyon-1" in listing.text and "oslo-1" not in listing.text
+        assert (await http.get(f"/console/devices/{inside.device_id}")).status_code == 200
+        assert (await http.get(f"/console/devices/{outside.device_id}")).status_code == 404
+        page = await http.get("/console/commands")
+        csrf = page_csrf(page.text)
+        # the shared command is listed with only the run in scope
+        assert "id" in page.text
+        form = {"kind": "exec", "command": "true", "csrf": csrf}
+        r = await http.post("/console/commands", data={"target": outside.device_id, **form})
+        assert r.status_code == 404
+        r = await http.post("/console/commands", data={"target": "group:oslo", **form})
+        assert r.status_code == 404
+        r = await http.post("/console/commands", data={"target": "group:lyon", **form})
+        assert r.status_code == 303
+        shown = await http.get(r.headers["location"])
+        assert "lyon-1" in shown.text and "oslo-1" not in shown.text
+        r = await http.post(f"/console/devices/{outside.device_id}/retire", data={"csrf": csrf})
+        assert r.status_code == 404
+    r = await api.get(f"/api/v1/devices/{outside.device_id}")
+    assert r.json()["status"] == "active"

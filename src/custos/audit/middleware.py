@@ -82,6 +82,7 @@ ACTIONS: dict[str, Action] = {
     "accounts.revoke_grant": Action("user.revoke_grant", "user:{username} grant:{grant_id}"),
     "accounts.create_role": Action("role.create", created="role", keys=("name",)),
     "accounts.delete_role": Action("role.delete", "role:{name}"),
+    "accounts.sync_directory": Action("user.sync_directory"),
     # devices
     "devices.create_token": Action("enrollment_token.create", created="enrollment_token"),
     "devices.revoke_token": Action("enrollment_token.revoke", "enrollment_token:{token_id}"),

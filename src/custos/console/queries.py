@@ -189,12 +189,3 @@ async def device_runs(db: Database, device_id: str, *, limit: int = 20) -> list[
         )
         for r, c in rows
     ]
-
-
-async def device_group_ids(db: Database, device_id: str) -> set[int]:
-    """The groups a device belongs to (for checking a scoped grant)."""
-    async with db.read() as s:
-        rows = await s.scalars(
-            select(device_groups.c.group_id).where(device_groups.c.device_id == device_id)
-        )
-        return set(rows)

@@ -391,17 +391,6 @@ async def dashboard(request: Request, user: User) -> Response:
 # --- devices --------------------------------------------------------------------------------
 
 
-async def _check_device_scope(svc: Services, user: ConsoleUser, perm: str, device_id: str) -> None:
-    """A scoped grant covers a device only when the device is in one of its groups."""
-    scope = user.principal.device_scope(perm)
-    if scope is None:
-        return
-    if not (await queries.device_group_ids(svc.db, device_id)) & set(scope):
-        if perm == "devices.view":
-            raise NotFound("no such device")  # a device outside the scope does not exist
-        raise Forbidden(f"you do not have the {perm} permission on this device")
-
-
 @router.get("/devices")
 async def devices(
     request: Request,
@@ -481,8 +470,7 @@ async def device_detail(
     svc = _svc(request)
     if len(device_id) > 255:
         raise NotFound("no such device")
-    dev = await svc.devices.show(device_id)
-    await _check_device_scope(svc, user, "devices.view", dev.id)
+    dev = await svc.devices.show(device_id, user.principal.device_scope("devices.view"))
     history = await svc.devices.history(dev.id, key_prefix=None, limit=HISTORY_LIMIT)
     versions: dict[int, dict[str, Any]] = {}
     for ch in history:
@@ -509,9 +497,7 @@ async def device_retire(
 ) -> Response:
     """Retire a device (after the page's confirmation)."""
     svc = _svc(request)
-    dev = await svc.devices.show(device_id)
-    await _check_device_scope(svc, user, "devices.manage", dev.id)
-    await svc.devices.retire(dev.id)
+    dev = await svc.devices.retire(device_id, user.principal.device_scope("devices.manage"))
     return RedirectResponse(f"{PREFIX}/devices/{dev.id}?retired=1", status_code=303)
 
 
@@ -542,22 +528,6 @@ def _command_request(
         raise Invalid("; ".join(_validation_lines(exc.errors()))) from None
 
 
-async def _check_target_scope(svc: Services, user: ConsoleUser, target: str) -> None:
-    """commands.run on a scoped grant: a group target must be in scope, a device in one."""
-    scope = user.principal.device_scope("commands.run")
-    if scope is None:
-        return
-    if target.startswith("group:"):
-        name = target[len("group:") :]
-        ids = {g.id for g in await svc.devices.list_groups() if g.name == name}
-        if not ids & set(scope):
-            raise Forbidden("you may not run commands on that group")
-        return
-    for ref in (p.strip() for p in target.split(",") if p.strip()):
-        dev = await svc.devices.show(ref)
-        await _check_device_scope(svc, user, "commands.run", dev.id)
-
-
 CommandForm = tuple[str, str, str, str, float]
 
 
@@ -570,10 +540,12 @@ async def commands(
     """Recent commands with their run counts, and the form to send one."""
     svc = _svc(request)
     per_page = 50
-    rows: list[Any] = []
-    scoped = user.principal.device_scope("commands.view") is not None
-    if not scoped:  # the list is fleet-wide; scoped users see commands on device pages
-        rows = await svc.commands.list_commands(limit=per_page + 1, offset=(page - 1) * per_page)
+    scope = user.principal.device_scope("commands.view")
+    scoped = scope is not None
+    # a scoped user sees the commands with a run in its groups, counting only those runs
+    rows = await svc.commands.list_commands(
+        limit=per_page + 1, offset=(page - 1) * per_page, scope=scope
+    )
     groups = await svc.devices.list_groups() if user.can("commands.run") else []
     return render(
         request, "commands.html", user, active="commands", rows=rows[:per_page],
@@ -596,41 +568,19 @@ async def send_command(
     """Queue a command for a device, a list of devices or group:NAME; then follow it."""
     svc = _svc(request)
     req = _command_request(target, kind, command, interpreter, script, timeout_s)
-    await _check_target_scope(svc, user, req.target)
-    created = await svc.commands.create(req, user.principal.username)
+    created = await svc.commands.create(
+        req, user.principal.username, user.principal.device_scope("commands.run")
+    )
     return RedirectResponse(f"{PREFIX}/commands/{created.id}", status_code=303)
 
 
 async def _command_view(svc: Services, user: ConsoleUser, command_id: str) -> dict[str, Any]:
     if len(command_id) != 32:
         raise NotFound("no such command")
-    cmd = await svc.commands.show(command_id)
+    cmd = await svc.commands.show(command_id, scope=user.principal.device_scope("commands.view"))
     runs = cmd.runs
-    scope = user.principal.device_scope("commands.view")
-    if scope is not None:
-        allowed = await _devices_in_scope(svc, [r.device_id for r in runs], scope)
-        runs = [r for r in runs if r.device_id in allowed]
-        if not runs:
-            raise NotFound("no such command")
     done = all(r.state in RUN_DONE for r in runs)
     return {"cmd": cmd, "runs": runs, "done": done}
-
-
-async def _devices_in_scope(svc: Services, device_ids: list[str], scope: Any) -> set[str]:
-    from sqlalchemy import select
-
-    from custos.devices.models import device_groups
-
-    if not device_ids:
-        return set()
-    async with svc.db.read() as s:
-        rows = await s.scalars(
-            select(device_groups.c.device_id).where(
-                device_groups.c.device_id.in_(device_ids),
-                device_groups.c.group_id.in_(list(scope)),
-            )
-        )
-        return set(rows)
 
 
 @router.get("/commands/{command_id}")
@@ -676,10 +626,10 @@ async def upload_package(
     filename: Annotated[str, Query(min_length=1, max_length=255)],
 ) -> Response:
     """A package file as the raw request body (the page's script shows upload progress)."""
-    from custos.software.routes import _receive_file
+    from custos.software.routes import receive_file
 
     svc = _svc(request)
-    tmp = await _receive_file(request, svc)
+    tmp = await receive_file(request, svc)
     try:
         pkg = await svc.software.add_package(
             tmp, filename=Path(filename).name, created_by=user.principal.username

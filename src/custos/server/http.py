@@ -265,5 +265,8 @@ async def signed_device(
 
 
 def client_address(request: Request) -> str:
-    """The peer's address (the login limiter's key; behind a proxy, the proxy's)."""
-    return request.client.host if request.client else ""
+    """The client's address: the peer, or X-Forwarded-For's when the peer is a trusted proxy."""
+    from custos.audit.middleware import client_address as from_scope
+
+    svc: Services = request.app.state.services
+    return from_scope(request.scope, svc.settings.trusted_proxies)

@@ -62,7 +62,7 @@ async def upload_package(
     svc: Services = Depends(services),
 ) -> PackageDetail:
     """Upload a package file as the raw request body (streamed to disk, then inspected)."""
-    tmp = await _receive_file(request, svc)
+    tmp = await receive_file(request, svc)
     try:
         return await svc.software.add_package(
             tmp,
@@ -78,7 +78,8 @@ async def upload_package(
             tmp.unlink()
 
 
-async def _receive_file(request: Request, svc: Services) -> Path:
+async def receive_file(request: Request, svc: Services) -> Path:
+    """Stream a raw request body to a temporary file, refusing more than max_package_bytes."""
     limit = svc.settings.max_package_bytes
     tmp_dir = svc.settings.data_dir / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
