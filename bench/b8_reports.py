@@ -194,7 +194,7 @@ async def seed(dsn: str, devices: int, apps: int, seed_value: int = 8) -> dict[s
         )
         await conn.execute(
             "CREATE INDEX ix_installed_software_name_version "
-            "ON installed_software (name, version, device_id)"
+            "ON installed_software (name, version, source, device_id)"
         )
         await conn.execute(
             "CREATE INDEX ix_installed_software_source_name ON installed_software (source, name)"

@@ -295,3 +295,15 @@ async def test_logins_and_refusals_are_audited_with_the_user(api: Any) -> None:
     denied = (await api.get("/api/v1/audit", params={"actor": "audited"})).json()["entries"]
     assert any(e["result"] == "denied" and e["status"] == 403 for e in denied)
     assert all("wrong-password" not in str(e) for e in denied)
+
+
+async def test_change_own_password(api: Any) -> None:
+    hd = await user_client(api, "self", ["helpdesk"])
+    body = {"current": "not-it-at-all", "new": "new-password-2"}
+    r = await api.http.put("/api/v1/auth/password", json=body, headers=hd)
+    assert r.status_code == 422 and r.json()["error"] == "bad_credentials"
+    r = await api.http.put("/api/v1/auth/password", json={**body, "current": PW}, headers=hd)
+    assert r.status_code == 204
+    assert (await api.http.get("/api/v1/devices", headers=hd)).status_code == 401
+    assert (await login(api, "self")).status_code == 401
+    assert (await login(api, "self", "new-password-2")).status_code == 200

@@ -16,6 +16,7 @@ from custos.accounts.schemas import (
     LoginRequest,
     LoginResponse,
     Me,
+    OwnPasswordChange,
     PasswordSet,
     PermissionOut,
     RoleCreate,
@@ -79,6 +80,15 @@ async def revoke_token(
 ) -> Response:
     """Revoke an API token (your own; anybody's with users.manage)."""
     await svc.accounts.revoke_token(who, token_id)
+    return Response(status_code=204)
+
+
+@router.put("/auth/password", status_code=204)
+async def change_own_password(
+    body: OwnPasswordChange, who: Principal = Depends(admin), svc: Services = Depends(services)
+) -> Response:
+    """Change your own password (local accounts); your API tokens end."""
+    await svc.accounts.change_own_password(who, body.current, body.new)
     return Response(status_code=204)
 
 

@@ -68,6 +68,15 @@ class PasswordSet(BaseModel):
     password: SafeStr = Field(min_length=1, max_length=1024)
 
 
+class OwnPasswordChange(BaseModel):
+    """The caller's current password and the new one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    current: SafeStr = Field(min_length=1, max_length=1024)
+    new: SafeStr = Field(min_length=1, max_length=1024)
+
+
 class GrantOut(BaseModel):
     """One role a user holds."""
 

@@ -347,6 +347,27 @@ class AccountService:
             )
             await self._end_access(s, [uid])
 
+    async def change_own_password(self, who: Principal, current: str, new: str) -> None:
+        """A local user changes their own password (the current one is checked first)."""
+        check_password(new)
+        async with self.db.read() as s:
+            row = (
+                await s.execute(
+                    select(User.password_hash, User.source).where(User.id == who.user_id)
+                )
+            ).first()
+        if row is None or row.source != "local":
+            raise Conflict("directory users change their password in the directory")
+        if not await asyncio.to_thread(_verify, row.password_hash, current):
+            raise Invalid("the current password is wrong", code="bad_credentials")
+        hashed = await asyncio.to_thread(_hasher.hash, new)
+        async with self.db.transaction() as uow:
+            await uow.session.execute(
+                update(User).where(User.id == who.user_id).values(password_hash=hashed)
+            )
+            # other sessions and tokens end; the caller's own console session stays
+            await uow.session.execute(delete(ApiToken).where(ApiToken.user_id == who.user_id))
+
     # ------------------------------------------------------------------ roles and grants
 
     async def create_role(self, name: str, permissions: Iterable[str], description: str) -> RoleOut:

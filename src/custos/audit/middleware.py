@@ -72,6 +72,7 @@ ACTIONS: dict[str, Action] = {
     "accounts.create_token": Action("api_token.create", created="api_token", keys=("id",)),
     "accounts.revoke_token": Action("api_token.revoke", "api_token:{token_id}"),
     "accounts.totp_begin": Action("auth.totp_begin"),
+    "accounts.change_own_password": Action("auth.change_password"),
     "accounts.totp_confirm": Action("auth.totp_confirm"),
     "accounts.create_user": Action("user.create", created="user", keys=("username",)),
     "accounts.disable_user": Action("user.disable", "user:{username}"),
@@ -120,6 +121,17 @@ ACTIONS: dict[str, Action] = {
     "console.user_action": Action(
         "user.change", "user:{username}", verbs=frozenset({"enable", "disable"})
     ),
+    "console.change_own_password": Action("auth.change_password"),
+    "console.totp_begin": Action("auth.totp_begin"),
+    "console.totp_confirm": Action("auth.totp_confirm"),
+    "console.create_api_token": Action("api_token.create"),
+    "console.revoke_api_token": Action("api_token.revoke", "api_token:{token_id}"),
+    "console.grant_role": Action("user.grant", "user:{username}"),
+    "console.revoke_grant": Action("user.revoke_grant", "user:{username} grant:{grant_id}"),
+    "console.set_password": Action("user.set_password", "user:{username}"),
+    "console.reset_totp": Action("user.reset_totp", "user:{username}"),
+    "console.create_role": Action("role.create"),
+    "console.delete_role": Action("role.delete", "role:{name}"),
 }
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import segno
 from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
@@ -28,6 +28,8 @@ from markupsafe import Markup
 from pydantic import ValidationError
 
 from custos import __version__
+from custos.accounts.permissions import PERMISSIONS, SCOPABLE
+from custos.accounts.service import MAX_TOKEN_DAYS
 from custos.commands.schemas import CommandCreate
 from custos.commands.service import TERMINAL as RUN_TERMINAL
 from custos.console import charts, queries
@@ -46,7 +48,7 @@ from custos.console.auth import (
 )
 from custos.db.base import utcnow
 from custos.devices.schemas import TokenCreate
-from custos.errors import DomainError, Forbidden, Invalid, NotFound
+from custos.errors import Conflict, DomainError, Forbidden, Invalid, NotFound
 from custos.server.container import Services
 from custos.software.schemas import DeploymentCreate
 
@@ -294,10 +296,10 @@ async def login(
     token, fresh = login_csrf(request)
     target = _safe_next(next_url)
 
-    def again(message: str, status: int) -> Response:
+    def again(message: str, status: int, *, otp_needed: bool = False) -> Response:
         page = render(
             request, "login.html", None, status=status, next=target, error=message,
-            username=username, login_token=token,
+            username=username, login_token=token, otp_needed=otp_needed,
         )  # fmt: skip
         if fresh:
             set_login_csrf(page, request, token)
@@ -313,6 +315,16 @@ async def login(
             username, password, otp.strip() or None, remote
         )
     except DomainError as exc:
+        if exc.code in ("otp_required", "bad_otp"):
+            # the password was right (it is checked first); ask again, with the code this time
+            hint = (
+                "This account uses two-factor sign-in: enter your password again and the "
+                "6-digit code from your authenticator app."
+                if exc.code == "otp_required"
+                else "The one-time code was wrong or has expired; enter your password and "
+                "a new code."
+            )
+            return again(hint, exc.status, otp_needed=True)
         return again(str(exc.detail) or "Sign-in failed.", exc.status)
     response = RedirectResponse(target, status_code=303)
     max_age = max(60, int((grant.expires_at - utcnow()).total_seconds()))
@@ -991,17 +1003,224 @@ async def audit_csv(
     )
 
 
+# --- the signed-in user's own account -------------------------------------------------------
+
+# what a redirect after a successful POST says (?done=KEY): fixed texts, nothing reflected
+NOTICES = {
+    "password": "Your password was changed. Your API tokens were revoked: make new ones "
+    "for scripts that need them.",
+    "totp": "Two-factor sign-in is on: from now on, signing in needs a code from your "
+    "authenticator app.",
+    "token_revoked": "The API token was revoked.",
+    "granted": "The role was granted.",
+    "grant_revoked": "The grant was revoked.",
+    "password_set": "The password was set. The user's sessions and API tokens have ended.",
+    "totp_reset": "Two-factor sign-in was turned off for this user; they can set it up again.",
+    "role_created": "The role was created.",
+    "role_deleted": "The role was deleted, and every grant of it with it.",
+}
+TOKEN_DAYS_DEFAULT = 90
+
+
+def _notice(request: Request) -> str:
+    return NOTICES.get(request.query_params.get("done", ""), "")
+
+
+def _done(url: str, key: str) -> RedirectResponse:
+    """Redirect after a successful POST; the next page shows NOTICES[key]."""
+    return RedirectResponse(f"{url}?{urlencode({'done': key})}", status_code=303)
+
+
+async def _account_page(
+    request: Request,
+    user: ConsoleUser,
+    *,
+    status: int = 200,
+    error: DomainError | None = None,
+    totp_setup: tuple[str, str] | None = None,
+    created: tuple[str, Any] | None = None,
+) -> Response:
+    accounts = _svc(request).accounts
+    me = await accounts.show_user(user.principal.username)
+    tokens = await accounts.list_tokens(user.principal.username)
+    setup = None
+    if totp_setup is not None:
+        secret, uri = totp_setup
+        setup = {
+            "secret": secret,
+            "uri": uri,
+            "qr": qr_svg(uri, "QR code for your authenticator app"),
+        }
+    return render(
+        request, "account.html", user, status=status, active="account", me=me, tokens=tokens,
+        setup=setup, created=created, error=error.detail if error else "",
+        notice="" if error or setup or created else _notice(request),
+        max_days=MAX_TOKEN_DAYS, default_days=TOKEN_DAYS_DEFAULT,
+    )  # fmt: skip
+
+
+async def _local_user(request: Request, user: ConsoleUser) -> None:
+    """Refuse what only local accounts have (their own password and TOTP)."""
+    me = await _svc(request).accounts.show_user(user.principal.username)
+    if me.source != "local":
+        raise Conflict(
+            "your account comes from the directory: its password and sign-in rules are "
+            "managed there",
+            code="directory_user",
+        )
+
+
+@router.get("/account")
+async def account(request: Request, user: User) -> Response:
+    """Your own account: password, two-factor sign-in and API tokens."""
+    return await _account_page(request, user)
+
+
+@router.post("/account/password")
+async def change_own_password(
+    request: Request,
+    user: User,
+    current: Annotated[str, Form(max_length=1024)] = "",
+    new: Annotated[str, Form(max_length=1024)] = "",
+    confirm: Annotated[str, Form(max_length=1024)] = "",
+) -> Response:
+    """Change your own password (local accounts): the current one, then the new one twice."""
+    try:
+        await _local_user(request, user)
+        if not current:
+            raise Invalid("enter your current password", code="bad_credentials")
+        if new != confirm:
+            raise Invalid("the new password and its confirmation differ", code="mismatch")
+        await _svc(request).accounts.change_own_password(user.principal, current, new)
+    except DomainError as exc:
+        return await _account_page(request, user, status=exc.status, error=exc)
+    return _done(PREFIX + "/account", "password")
+
+
+@router.post("/account/totp")
+async def totp_begin(request: Request, user: User) -> Response:
+    """Start two-factor enrolment: the secret and its QR code, shown on this answer only."""
+    accounts = _svc(request).accounts
+    try:
+        await _local_user(request, user)
+        if (await accounts.show_user(user.principal.username)).totp:
+            # starting again would switch the running TOTP off until confirmed
+            raise Conflict(
+                "two-factor sign-in is already on; an administrator can reset it",
+                code="totp_on",
+            )
+        secret, uri = await accounts.totp_begin(user.principal)
+    except DomainError as exc:
+        return await _account_page(request, user, status=exc.status, error=exc)
+    return await _account_page(request, user, totp_setup=(secret, uri))
+
+
+@router.post("/account/totp/confirm")
+async def totp_confirm(
+    request: Request,
+    user: User,
+    code: Annotated[str, Form(max_length=16)] = "",
+) -> Response:
+    """Turn two-factor sign-in on with the first code from the authenticator app."""
+    try:
+        await _local_user(request, user)
+        digits = code.replace(" ", "")
+        if not (digits.isdigit() and 6 <= len(digits) <= 8):
+            raise Invalid("enter the 6-digit code your authenticator app shows", code="bad_otp")
+        await _svc(request).accounts.totp_confirm(user.principal, digits)
+    except DomainError as exc:
+        return await _account_page(request, user, status=exc.status, error=exc)
+    return _done(PREFIX + "/account", "totp")
+
+
+@router.post("/account/tokens")
+async def create_api_token(
+    request: Request,
+    user: User,
+    name: Annotated[str, Form(max_length=100)] = "",
+    days: Annotated[str, Form(max_length=10)] = str(TOKEN_DAYS_DEFAULT),
+) -> Response:
+    """A named API token with your rights; its secret is shown on this answer only."""
+    try:
+        try:
+            n_days = int(days)
+        except ValueError:
+            raise Invalid(f"days is a whole number from 1 to {MAX_TOKEN_DAYS}") from None
+        created = await _svc(request).accounts.create_token(user.principal, name.strip(), n_days)
+    except DomainError as exc:
+        return await _account_page(request, user, status=exc.status, error=exc)
+    return await _account_page(request, user, status=201, created=created)
+
+
+@router.post("/account/tokens/{token_id}/revoke")
+async def revoke_api_token(request: Request, token_id: int, user: User) -> Response:
+    """Revoke one of your own API tokens (other people's are not reachable from here)."""
+    accounts = _svc(request).accounts
+    try:
+        mine = {t.id for t in await accounts.list_tokens(user.principal.username)}
+        if token_id not in mine:
+            raise NotFound("you have no such token")
+        await accounts.revoke_token(user.principal, token_id)
+    except DomainError as exc:
+        return await _account_page(request, user, status=exc.status, error=exc)
+    return _done(PREFIX + "/account", "token_revoked")
+
+
 # --- users and roles ------------------------------------------------------------------------
 
 
-async def _users_page(request: Request, user: ConsoleUser, *, status: int = 200) -> Response:
+def _permission_choices() -> list[dict[str, Any]]:
+    return [
+        {"name": n, "description": d, "scopable": n in SCOPABLE} for n, d in PERMISSIONS.items()
+    ]
+
+
+async def _users_page(
+    request: Request,
+    user: ConsoleUser,
+    *,
+    status: int = 200,
+    error: DomainError | None = None,
+    role_form: dict[str, Any] | None = None,
+) -> Response:
     accounts = _svc(request).accounts
     users = await accounts.list_users()
     roles = await accounts.list_roles()
     groups = await _svc(request).devices.list_groups()
     return render(
         request, "users.html", user, status=status, active="users", users=users, roles=roles,
-        groups=groups,
+        groups=groups, permissions=_permission_choices(), error=error.detail if error else "",
+        notice="" if error else _notice(request),
+        role_form=role_form or {"name": "", "description": "", "permissions": []},
+    )  # fmt: skip
+
+
+def _user_url(username: str) -> str:
+    return f"{PREFIX}/users/{quote(username, safe='')}"
+
+
+def _check_username(username: str) -> None:
+    if not username or len(username) > 150:
+        raise NotFound("no such user")
+
+
+async def _user_page(
+    request: Request,
+    user: ConsoleUser,
+    username: str,
+    *,
+    status: int = 200,
+    error: DomainError | None = None,
+) -> Response:
+    _check_username(username)
+    svc = _svc(request)
+    target = await svc.accounts.show_user(username)
+    roles = await svc.accounts.list_roles()
+    groups = await svc.devices.list_groups()
+    return render(
+        request, "user.html", user, status=status, active="users", target=target, roles=roles,
+        groups=groups, error=error.detail if error else "",
+        notice="" if error else _notice(request), url=_user_url(username),
     )  # fmt: skip
 
 
@@ -1029,6 +1248,112 @@ async def create_user(
     return RedirectResponse(PREFIX + "/users", status_code=303)
 
 
+@router.get("/users/{username}")
+async def user_detail(
+    request: Request, username: str, user: Annotated[ConsoleUser, _needs("users.manage")]
+) -> Response:
+    """One user: grants (granted, revoked here), password and two-factor resets."""
+    return await _user_page(request, user, username)
+
+
+# these come before user_action: its /users/{username}/{action} would take them otherwise
+
+
+@router.post("/users/{username}/grants")
+async def grant_role(
+    request: Request,
+    username: str,
+    user: Annotated[ConsoleUser, _needs("users.manage")],
+    role: Annotated[str, Form(max_length=100)] = "",
+    groups: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies defaults
+) -> Response:
+    """Give the user a role, everywhere or only on the chosen groups."""
+    _check_username(username)
+    try:
+        if not role:
+            raise Invalid("choose a role to grant")
+        await _svc(request).accounts.grant(username, role, [g for g in groups if g][:100])
+    except DomainError as exc:
+        return await _user_page(request, user, username, status=exc.status, error=exc)
+    return _done(_user_url(username), "granted")
+
+
+@router.post("/users/{username}/grants/{grant_id}/revoke")
+async def revoke_grant(
+    request: Request,
+    username: str,
+    grant_id: int,
+    user: Annotated[ConsoleUser, _needs("users.manage")],
+) -> Response:
+    """Take a grant away (not a directory grant, and never the last administrator's)."""
+    _check_username(username)
+    accounts = _svc(request).accounts
+    try:
+        target = await accounts.show_user(username)
+        grant = next((g for g in target.grants if g.id == grant_id), None)
+        if grant is None:
+            raise NotFound(f"{username!r} has no such grant")
+        if grant.source != "local":
+            # the next directory sync would only put it back
+            raise Conflict(
+                "this grant comes from the directory's groups; change it in the directory",
+                code="directory_grant",
+            )
+        await accounts.revoke_grant(username, grant_id)
+    except DomainError as exc:
+        return await _user_page(request, user, username, status=exc.status, error=exc)
+    return _done(_user_url(username), "grant_revoked")
+
+
+async def _local_target(request: Request, username: str) -> None:
+    target = await _svc(request).accounts.show_user(username)
+    if target.source != "local":
+        raise Conflict(
+            "this user signs in through the directory; its password and sign-in rules are "
+            "managed there",
+            code="directory_user",
+        )
+
+
+@router.post("/users/{username}/password")
+async def set_password(
+    request: Request,
+    username: str,
+    user: Annotated[ConsoleUser, _needs("users.manage")],
+    password: Annotated[str, Form(max_length=1024)] = "",
+    confirm: Annotated[str, Form(max_length=1024)] = "",
+) -> Response:
+    """Set a local user's password; their sessions and API tokens end."""
+    _check_username(username)
+    try:
+        await _local_target(request, username)
+        if password != confirm:
+            raise Invalid("the password and its confirmation differ", code="mismatch")
+        await _svc(request).accounts.set_password(username, password)
+    except DomainError as exc:
+        return await _user_page(request, user, username, status=exc.status, error=exc)
+    if username == user.principal.username:
+        # set_password ended every session of the user, this browser's included
+        return RedirectResponse(PREFIX + "/login", status_code=303)
+    return _done(_user_url(username), "password_set")
+
+
+@router.post("/users/{username}/totp/reset")
+async def reset_totp(
+    request: Request,
+    username: str,
+    user: Annotated[ConsoleUser, _needs("users.manage")],
+) -> Response:
+    """Turn a user's two-factor sign-in off (they lost their authenticator)."""
+    _check_username(username)
+    try:
+        await _local_target(request, username)
+        await _svc(request).accounts.totp_reset(username)
+    except DomainError as exc:
+        return await _user_page(request, user, username, status=exc.status, error=exc)
+    return _done(_user_url(username), "totp_reset")
+
+
 @router.post("/users/{username}/{action}")
 async def user_action(
     request: Request,
@@ -1041,6 +1366,41 @@ async def user_action(
         raise NotFound("unknown action")
     await _svc(request).accounts.set_active(username, action == "enable", actor=user.principal)
     return RedirectResponse(PREFIX + "/users", status_code=303)
+
+
+@router.post("/roles")
+async def create_role(
+    request: Request,
+    user: Annotated[ConsoleUser, _needs("users.manage")],
+    name: Annotated[str, Form(max_length=100)] = "",
+    description: Annotated[str, Form(max_length=500)] = "",
+    permissions: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies defaults
+) -> Response:
+    """A custom role made of the chosen permissions."""
+    perms = [p for p in permissions if p][:100]
+    try:
+        await _svc(request).accounts.create_role(name.strip(), perms, description.strip())
+    except DomainError as exc:
+        # the form comes back filled in, so one mistake does not cost the whole role
+        form = {"name": name, "description": description, "permissions": perms}
+        return await _users_page(request, user, status=exc.status, error=exc, role_form=form)
+    return _done(PREFIX + "/users", "role_created")
+
+
+@router.post("/roles/{name}/delete")
+async def delete_role(
+    request: Request,
+    name: str,
+    user: Annotated[ConsoleUser, _needs("users.manage")],
+) -> Response:
+    """Delete a custom role (built-in ones stay); its grants go with it."""
+    try:
+        if len(name) > 100:
+            raise NotFound("no such role")
+        await _svc(request).accounts.delete_role(name)
+    except DomainError as exc:
+        return await _users_page(request, user, status=exc.status, error=exc)
+    return _done(PREFIX + "/users", "role_deleted")
 
 
 # --- everything else under /console is a 404 page -------------------------------------------

@@ -26,8 +26,9 @@ installed_software = Table(
     Column("source", String(MAX_SOURCE_LEN), primary_key=True),
     Column("name", String(MAX_NAME_LEN), primary_key=True),
     Column("version", String(MAX_VERSION_LEN), nullable=False),
-    # "who has X (version V)": device_id last so the lookup needs no visit to the table
-    Index("ix_installed_software_name_version", "name", "version", "device_id"),
+    # "who has X (version V)" and the versions of X: every column, so that these are
+    # index-only scans (a visit to the table per holder cost 0.7 s for 100,000 holders)
+    Index("ix_installed_software_name_version", "name", "version", "source", "device_id"),
     Index("ix_installed_software_source_name", "source", "name"),
     comment="one row per sw.<source>.<name> inventory key of a device (value: version)",
 )

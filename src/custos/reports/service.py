@@ -64,6 +64,9 @@ Stmt = Select[*tuple[Any, ...]]  # a SELECT of any columns
 
 # above this many matching devices the list's total is the planner's estimate (PostgreSQL)
 EXACT_COUNT_LIMIT = 10_000
+# up to this many holders, "who has" finds them by name and sorts them; above it, it walks
+# the devices in name order (each one an index probe) until the page is full
+FEW_HOLDERS = 2_000
 # a CSV export streams at most this many rows (a whole fleet's software is 20 million)
 MAX_EXPORT_ROWS = 1_000_000
 SUMMARY = "software_summary"
@@ -501,12 +504,42 @@ class ReportService:
         """Devices that have software `name` (from `source`; at `version` or `version_prefix`)."""
         conds = self._holders(scope, name, source, version, version_prefix)
         async with self.db.read() as s:
-            rows = (await s.execute(self._holders_select(conds).limit(limit).offset(offset))).all()
-            total = await s.scalar(
-                select(func.count()).select_from(installed_software).where(*conds)
+            # the exact count first (an index-only scan): it decides the shape of the page
+            # query, as the planner's guess for a name outside its statistics can be off by
+            # a hundredfold, and walking 100,000 devices in name order for 50 holders of a
+            # rare package took 1.5 s
+            total = int(
+                await s.scalar(select(func.count()).select_from(installed_software).where(*conds))
+                or 0
             )
+            if total <= FEW_HOLDERS:
+                stmt = self._few_holders_select(conds)
+            else:
+                stmt = self._holders_select(conds)
+            rows = (await s.execute(stmt.limit(limit).offset(offset))).all() if total else []
         items = [SoftwareHolder.model_validate(r, from_attributes=True) for r in rows]
-        return Page(items=items, total=int(total or 0), limit=limit, offset=offset)
+        return Page(items=items, total=total, limit=limit, offset=offset)
+
+    def _few_holders_select(self, conds: list[ColumnElement[bool]]) -> Stmt:
+        """Holders found by name first (materialised), then joined and sorted: few rows."""
+        hits = (
+            select(sw.device_id, sw.source, sw.name, sw.version)
+            .where(*conds)
+            .cte("hits")
+            .prefix_with("MATERIALIZED", dialect="postgresql")
+        )
+        return (
+            select(
+                Device.id.label("device_id"),
+                Device.name.label("device_name"),
+                hits.c.source,
+                hits.c.name,
+                hits.c.version,
+                Device.last_seen,
+            )
+            .join_from(hits, Device, Device.id == hits.c.device_id)
+            .order_by(func.lower(Device.name), Device.id, hits.c.source)
+        )
 
     async def who_has_csv(
         self,
