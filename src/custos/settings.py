@@ -225,6 +225,8 @@ class Settings(BaseSettings):
     # load balancers / proxies (CIDRs) whose X-Forwarded-For names the real client, for the
     # audit log and the login limiter; empty: the peer address is the client
     trusted_proxies: list[str] = Field(default_factory=list, max_length=100)
+    # how often the fleet's online/offline counts are recorded for the dashboard's history
+    fleet_snapshot_s: int = Field(default=900, ge=10, le=86_400)
     # how long a console login lasts
     console_session_ttl_s: int = Field(default=8 * 3600, ge=300, le=30 * 86400)
 

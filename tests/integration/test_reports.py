@@ -571,3 +571,57 @@ async def test_who_has_pages_the_same_whichever_way_it_finds_the_holders(api, mo
         walked = await api.services.reports.who_has(None, name, limit=1, offset=1)
         monkeypatch.setattr(service, "FEW_HOLDERS", 2_000)
         assert walked == found and found.total == 2 and len(found.items) == 1
+
+
+async def test_fleet_snapshots_once_per_period_and_history(api: Any) -> None:
+    from datetime import timedelta
+
+    from custos.db.base import utcnow
+
+    reports = api.services.reports
+    await api.new_device("snap-1")
+    await api.new_device("snap-2")
+    now = utcnow()
+    # one row per period whoever writes it; a second process finds it taken
+    assert await reports.snapshot_fleet(online_within_s=300, period_s=900, now=now)
+    assert not await reports.snapshot_fleet(online_within_s=300, period_s=900, now=now)
+    later = now + timedelta(seconds=900)
+    assert await reports.snapshot_fleet(online_within_s=300, period_s=900, now=later)
+    points = await reports.fleet_history(1)
+    assert len(points) >= 1 and all(p.total == 2 for p in points)
+    assert all(p.online + p.offline == p.total for p in points)
+    # far in the future, both devices count as offline
+    future = now + timedelta(days=2)
+    assert await reports.snapshot_fleet(online_within_s=300, period_s=900, now=future)
+    async with api.services.db.read() as s:
+        from sqlalchemy import select
+
+        from custos.reports.models import fleet_snapshots
+
+        rows = (await s.execute(select(fleet_snapshots).order_by(fleet_snapshots.c.at))).all()
+    assert [r.online for r in rows][-1] == 0 and len(rows) == 3
+
+
+async def test_fleet_history_api_is_fleet_wide_only(api: Any) -> None:
+    await api.new_device("hist-1")
+    assert await api.services.reports.snapshot_fleet(online_within_s=300, period_s=60)
+    r = await api.get("/api/v1/reports/fleet-history", params={"days": 1})
+    assert r.status_code == 200 and r.json()[-1]["total"] == 1
+    r = await api.get("/api/v1/reports/fleet-history.csv", params={"days": 1})
+    assert r.status_code == 200 and r.text.splitlines()[0] == "at,total,online,offline"
+    assert (await api.get("/api/v1/reports/fleet-history", params={"days": 0})).status_code == 422
+    assert (await api.post("/api/v1/groups", json={"name": "g"})).status_code == 201
+    r = await api.post(
+        "/api/v1/users",
+        json={"username": "sc", "password": "scoped-pw-12", "roles": ["operator"], "groups": ["g"]},
+    )
+    assert r.status_code == 201
+    tok = (
+        await api.http.post(
+            "/api/v1/auth/login", json={"username": "sc", "password": "scoped-pw-12"}
+        )
+    ).json()["token"]
+    r = await api.http.get(
+        "/api/v1/reports/fleet-history", headers={"authorization": f"Bearer {tok}"}
+    )
+    assert r.status_code == 403

@@ -52,3 +52,15 @@ report_refreshes = Table(
     Column("refreshed_at", UTCDateTime, nullable=False),
     Column("took_s", Float, nullable=False),
 )
+
+# the fleet's online/offline counts over time (the dashboard's history chart): one row per
+# period, written by whichever server process gets there first (the period is the key)
+fleet_snapshots = Table(
+    "fleet_snapshots",
+    Base.metadata,
+    Column("at", UTCDateTime, primary_key=True),
+    Column("total", Integer, nullable=False),
+    Column("online", Integer, nullable=False),
+    Column("never_seen", Integer, nullable=False),
+    comment="active devices, and how many were online, at the start of each snapshot period",
+)

@@ -20,6 +20,7 @@ from custos.db.base import utcnow
 from custos.reports.schemas import (
     CommandError,
     DeviceRow,
+    FleetPoint,
     HardwareModel,
     InstallError,
     MissingSoftware,
@@ -31,7 +32,7 @@ from custos.reports.schemas import (
 )
 from custos.reports.service import Scope, csv_from_models
 from custos.server.container import Services
-from custos.server.http import require, services
+from custos.server.http import require, require_everywhere, services
 
 router = APIRouter(prefix="/api/v1/reports", tags=["reports"])
 viewer = require("reports.view")
@@ -185,6 +186,22 @@ async def not_seen(
     if _wants_csv(request, format):
         return _csv(svc.reports.not_seen_csv(_scope(who), days), "not-seen", f"{days:g}d")
     return await svc.reports.not_seen(_scope(who), days, limit=limit, offset=offset)
+
+
+@router.get("/fleet-history", response_model=list[FleetPoint])
+@router.get("/fleet-history.csv", include_in_schema=False, response_model=None)
+async def fleet_history(
+    request: Request,
+    days: float = Query(default=7, gt=0, le=400),
+    format: Format = "json",
+    _who: Principal = Depends(require_everywhere("reports.view")),
+    svc: Services = Depends(services),
+) -> list[FleetPoint] | StreamingResponse:
+    """Active and online devices over time (one snapshot per fleet_snapshot_s; fleet-wide)."""
+    rows = await svc.reports.fleet_history(days)
+    if _wants_csv(request, format):
+        return _csv(csv_from_models(rows, list(FleetPoint.model_fields)), "fleet", f"{days:g}d")
+    return rows
 
 
 @router.get("/hardware", response_model=list[HardwareModel])

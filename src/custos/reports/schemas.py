@@ -22,6 +22,15 @@ class Page(BaseModel, Generic[T]):
     offset: int
 
 
+class FleetPoint(BaseModel):
+    """The fleet at one snapshot: active devices, how many were online, how many not."""
+
+    at: datetime
+    total: int
+    online: int
+    offline: int
+
+
 class DeviceRow(BaseModel):
     """A device in the report list (facts, not the inventory)."""
 

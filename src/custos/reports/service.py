@@ -13,7 +13,7 @@ import io
 import re
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -29,6 +29,7 @@ from sqlalchemy import (
     select,
     true,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from custos.commands.models import Command, CommandRun
@@ -40,6 +41,7 @@ from custos.reports.models import (
     MAX_NAME_LEN,
     MAX_SOURCE_LEN,
     MAX_VERSION_LEN,
+    fleet_snapshots,
     installed_software,
     report_refreshes,
     software_summary,
@@ -47,6 +49,7 @@ from custos.reports.models import (
 from custos.reports.schemas import (
     CommandError,
     DeviceRow,
+    FleetPoint,
     HardwareModel,
     InstallError,
     MissingSoftware,
@@ -58,6 +61,9 @@ from custos.reports.schemas import (
     VersionCount,
 )
 from custos.software.models import Deployment, DeploymentDevice
+
+# how long the dashboard's online/offline history is kept
+SNAPSHOT_KEEP_DAYS = 400
 
 Scope = frozenset[int] | None
 Stmt = Select[*tuple[Any, ...]]  # a SELECT of any columns
@@ -763,6 +769,68 @@ class ReportService:
     async def tick(self) -> None:
         """The periodic job: refresh the summary when it is due."""
         await self.refresh_summary()
+
+    # -- online/offline over time ------------------------------------------------------
+
+    async def snapshot_fleet(
+        self, *, online_within_s: float, period_s: float, now: datetime | None = None
+    ) -> bool:
+        """Record this period's active/online counts once; False if already recorded.
+
+        Every server process runs this job; the period's start is the key, so the first
+        insert wins and the others find the row (or lose the race on the key) and stop.
+        Snapshots older than SNAPSHOT_KEEP_DAYS go in the same transaction.
+        """
+        now = now or utcnow()
+        bucket = datetime.fromtimestamp(now.timestamp() // period_s * period_s, UTC)
+        try:
+            async with self.db.transaction() as uow:
+                s = uow.session
+                if await s.scalar(
+                    select(fleet_snapshots.c.at).where(fleet_snapshots.c.at == bucket)
+                ):
+                    return False
+                cutoff = now - timedelta(seconds=online_within_s)
+                total, online, never = (
+                    await s.execute(
+                        select(
+                            func.count(),
+                            func.count().filter(Device.last_seen >= cutoff),
+                            func.count().filter(Device.last_seen.is_(None)),
+                        ).where(Device.status == "active")
+                    )
+                ).one()
+                await s.execute(
+                    fleet_snapshots.insert().values(
+                        at=bucket, total=total, online=online, never_seen=never
+                    )
+                )
+                await s.execute(
+                    delete(fleet_snapshots).where(
+                        fleet_snapshots.c.at < now - timedelta(days=SNAPSHOT_KEEP_DAYS)
+                    )
+                )
+        except IntegrityError:
+            return False  # another process recorded this period first
+        return True
+
+    async def fleet_history(self, days: float) -> list[FleetPoint]:
+        """Active and online devices per snapshot over the last `days`, oldest first."""
+        if not 0 < days <= SNAPSHOT_KEEP_DAYS:
+            raise Invalid(f"days must be between 0 and {SNAPSHOT_KEEP_DAYS}")
+        since = utcnow() - timedelta(days=days)
+        async with self.db.read() as s:
+            rows = (
+                await s.execute(
+                    select(fleet_snapshots)
+                    .where(fleet_snapshots.c.at >= since)
+                    .order_by(fleet_snapshots.c.at)
+                )
+            ).all()
+        return [
+            FleetPoint(at=r.at, total=r.total, online=r.online, offline=r.total - r.online)
+            for r in rows
+        ]
 
     # -- devices not seen --------------------------------------------------------------
 

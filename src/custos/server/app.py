@@ -54,6 +54,14 @@ def create_app(settings: Settings) -> FastAPI:
         if svc.accounts.directory is not None:
             jobs.every(settings.ldap_sync_interval_s, "directory-sync", svc.accounts.sync_directory)
         jobs.every(60, "refresh-report-summary", svc.reports.tick)
+        online_within = max(3 * settings.checkin_interval_s, 120)
+        jobs.every(
+            min(60, settings.fleet_snapshot_s),
+            "fleet-snapshot",
+            lambda: svc.reports.snapshot_fleet(
+                online_within_s=online_within, period_s=settings.fleet_snapshot_s
+            ),
+        )
         await push.start()
         await svc.authenticator.preload(settings.auth_preload_devices)
         await svc.resync_caches()
