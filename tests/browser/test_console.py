@@ -184,3 +184,40 @@ def test_phone_shows_the_mobile_nav(phone_page: Any, console_server: Any) -> Non
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"the page is {width}px wide on a 390px screen"
     assert page.js_errors == []
+
+
+def test_turn_on_two_factor_sign_in(page: Any, console_server: Any) -> None:
+    import pyotp
+
+    username, password = "totp-user", "totp-user-pw-1"
+    r = console_server.world.admin.post(
+        "/api/v1/users", json={"username": username, "password": password, "roles": ["auditor"]}
+    )
+    assert r.status_code == 201, r.text
+    sign_in(page, console_server, username, password)
+    page.get_by_role("link", name=re.compile("Your account")).click()
+    expect(page.get_by_role("heading", name="Your account")).to_be_visible()
+    assert_labelled(page)
+    page.get_by_role("button", name="Set up two-factor sign-in").click()
+    qr = page.get_by_role("img", name="QR code for your authenticator app")
+    expect(qr).to_be_visible()
+    assert_labelled(page)
+    secret = page.get_by_label(re.compile("^Key")).input_value()
+    page.get_by_label("Code from the app").fill(pyotp.TOTP(secret).now())
+    page.get_by_role("button", name="Turn on two-factor sign-in").click()
+    expect(page.locator("#messages")).to_contain_text("Two-factor sign-in is on")
+    page.get_by_role("button", name="Sign out").click()
+    # the password alone is not enough any more: the form asks for the code
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(password)
+    page.get_by_label("Password").press("Enter")
+    expect(page.get_by_role("alert")).to_contain_text("authenticator app")
+    expect(page.locator("#password")).to_be_focused()
+    page.keyboard.type(password)
+    page.get_by_label(re.compile("One-time code")).fill(pyotp.TOTP(secret).now())
+    page.get_by_label(re.compile("One-time code")).press("Enter")
+    page.wait_for_url(re.compile(r".*/console/$"))
+    expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
+    page.get_by_role("link", name=re.compile("Your account")).click()
+    expect(page.locator("#two-factor")).to_contain_text("Two-factor sign-in is on")
+    assert page.js_errors == []

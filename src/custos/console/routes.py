@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from custos import __version__
 from custos.accounts.permissions import PERMISSIONS, SCOPABLE
-from custos.accounts.service import MAX_TOKEN_DAYS
+from custos.accounts.service import MAX_TOKEN_DAYS, UserOut
 from custos.commands.schemas import CommandCreate
 from custos.commands.service import TERMINAL as RUN_TERMINAL
 from custos.console import charts, queries
@@ -1059,8 +1059,8 @@ async def _account_page(
     )  # fmt: skip
 
 
-async def _local_user(request: Request, user: ConsoleUser) -> None:
-    """Refuse what only local accounts have (their own password and TOTP)."""
+async def _local_user(request: Request, user: ConsoleUser) -> UserOut:
+    """The signed-in user's UserOut; refused for directory users (no password or TOTP here)."""
     me = await _svc(request).accounts.show_user(user.principal.username)
     if me.source != "local":
         raise Conflict(
@@ -1068,6 +1068,7 @@ async def _local_user(request: Request, user: ConsoleUser) -> None:
             "managed there",
             code="directory_user",
         )
+    return me
 
 
 @router.get("/account")
@@ -1102,8 +1103,7 @@ async def totp_begin(request: Request, user: User) -> Response:
     """Start two-factor enrolment: the secret and its QR code, shown on this answer only."""
     accounts = _svc(request).accounts
     try:
-        await _local_user(request, user)
-        if (await accounts.show_user(user.principal.username)).totp:
+        if (await _local_user(request, user)).totp:
             # starting again would switch the running TOTP off until confirmed
             raise Conflict(
                 "two-factor sign-in is already on; an administrator can reset it",
