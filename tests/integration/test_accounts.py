@@ -247,6 +247,12 @@ async def test_totp_second_factor(api: Any) -> None:
     r = await login(api, "otp-user", otp="123456" if code != "123456" else "654321")
     assert r.status_code == 401 and r.json()["error"] == "bad_otp"
     assert (await login(api, "otp-user", otp=pyotp.TOTP(secret).now())).status_code == 200
+    # the same code again is a replay: refused even though it is still "current"
+    r = await login(api, "otp-user", otp=pyotp.TOTP(secret).now())
+    assert r.status_code == 401 and r.json()["error"] == "bad_otp"
+    # while two-factor is on, starting a new enrolment cannot switch it off
+    r = await api.http.post("/api/v1/auth/totp", headers=hd)
+    assert r.status_code == 409 and r.json()["error"] == "totp_on"
 
     # stored encrypted, never the secret itself
     from sqlalchemy import select

@@ -579,3 +579,30 @@ async def test_helpdesk_cannot_post_to_the_users_pages(api: Api) -> None:
         "user.create", "user.grant", "user.revoke_grant", "user.set_password",
         "user.reset_totp", "user.disable", "role.create", "role.delete",
     } <= denied  # fmt: skip
+
+
+async def test_own_password_change_keeps_only_this_session(api: Api) -> None:
+    r = await api.post(
+        "/api/v1/users", json={"username": "pw", "password": "first-pass-1", "roles": ["auditor"]}
+    )
+    assert r.status_code == 201
+    transport = httpx.ASGITransport(app=api.app)
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://test") as a,
+        httpx.AsyncClient(transport=transport, base_url="http://test") as b,
+    ):
+        await console_login(a, "pw", "first-pass-1")
+        await console_login(b, "pw", "first-pass-1")
+        page = await a.get("/console/account")
+        r = await a.post(
+            "/console/account/password",
+            data={
+                "current": "first-pass-1",
+                "new": "second-pass-2",
+                "confirm": "second-pass-2",
+                "csrf": page_csrf(page.text),
+            },
+        )
+        assert r.status_code == 303, r.text[:500]
+        assert (await a.get("/console/account")).status_code == 200  # still signed in
+        assert (await b.get("/console/account")).status_code == 303  # the other browser is out

@@ -26,6 +26,8 @@ class User(Base):
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     # TOTP secret, encrypted with a key derived from the CA (never stored in clear)
     totp_secret: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # the last TOTP time step accepted: a code is good once (replays are refused)
+    totp_last_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     failed_logins: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

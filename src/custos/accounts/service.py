@@ -23,7 +23,7 @@ import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -79,6 +79,17 @@ def _verify(stored: str, password: str) -> bool:
         return _hasher.verify(stored, password)
     except (VerificationError, InvalidHashError):
         return False
+
+
+def _totp_step(secret: str, code: str) -> int | None:
+    """The 30-second time step a code belongs to (this one, or one either side), or None."""
+    totp = pyotp.TOTP(secret)
+    now = time.time()
+    for offset in (0, -1, 1):
+        at = now + offset * totp.interval
+        if hmac.compare_digest(totp.at(at), code.strip()):
+            return int(at // totp.interval)
+    return None
 
 
 def check_password(password: str) -> None:
@@ -347,8 +358,14 @@ class AccountService:
             )
             await self._end_access(s, [uid])
 
-    async def change_own_password(self, who: Principal, current: str, new: str) -> None:
-        """A local user changes their own password (the current one is checked first)."""
+    async def change_own_password(
+        self, who: Principal, current: str, new: str, *, keep_session: str | None = None
+    ) -> None:
+        """A local user changes their own password (the current one is checked first).
+
+        Their API tokens and other console sessions end; `keep_session` (the secret of the
+        console session making the change) stays signed in.
+        """
         check_password(new)
         async with self.db.read() as s:
             row = (
@@ -365,8 +382,13 @@ class AccountService:
             await uow.session.execute(
                 update(User).where(User.id == who.user_id).values(password_hash=hashed)
             )
-            # other sessions and tokens end; the caller's own console session stays
             await uow.session.execute(delete(ApiToken).where(ApiToken.user_id == who.user_id))
+            keep = sha256_hex(keep_session.encode()) if keep_session else ""
+            await uow.session.execute(
+                delete(ConsoleSession).where(
+                    ConsoleSession.user_id == who.user_id, ConsoleSession.secret_hash != keep
+                )
+            )
 
     # ------------------------------------------------------------------ roles and grants
 
@@ -588,6 +610,15 @@ class AccountService:
         """Start TOTP enrolment: a new secret and its otpauth:// URI (pending until confirmed)."""
         secret = pyotp.random_base32()
         async with self.db.transaction() as uow:
+            current = await uow.session.scalar(
+                select(User.totp_secret).where(User.id == who.user_id)
+            )
+            if current and not current.startswith("pending:"):
+                # replacing an active key would switch two-factor off until re-confirmed
+                raise Conflict(
+                    "two-factor sign-in is already on; an administrator can reset it",
+                    code="totp_on",
+                )
             await uow.session.execute(
                 update(User)
                 .where(User.id == who.user_id)
@@ -679,11 +710,30 @@ class AccountService:
         if row.totp_secret and not row.totp_secret.startswith("pending:"):
             if not otp:
                 raise Unauthorized("a TOTP code is required", code="otp_required")
-            if not pyotp.TOTP(self._open(row.totp_secret)).verify(otp, valid_window=1):
+            step = _totp_step(self._open(row.totp_secret), otp)
+            if step is None or not await self._spend_totp_step(row.id, step):
+                # a wrong code, or a right one already used (a replayed code is refused)
                 await self._failed(row.id, remote)
                 raise Unauthorized("wrong TOTP code", code="bad_otp")
         await self.logged_in(row.id)
         return int(row.id)
+
+    async def _spend_totp_step(self, user_id: int, step: int) -> bool:
+        """Mark a TOTP time step used; False if it (or a later one) was used already.
+
+        One conditional UPDATE, so two server processes cannot both accept the same code.
+        """
+        async with self.db.transaction() as uow:
+            used = await uow.session.scalar(
+                update(User)
+                .where(
+                    User.id == user_id,
+                    or_(User.totp_last_step.is_(None), User.totp_last_step < step),
+                )
+                .values(totp_last_step=step)
+                .returning(User.id)
+            )
+        return used is not None
 
     async def logged_in(self, user_id: int) -> None:
         """Reset the failure count and note the time of a successful login."""

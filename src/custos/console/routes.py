@@ -1092,7 +1092,9 @@ async def change_own_password(
             raise Invalid("enter your current password", code="bad_credentials")
         if new != confirm:
             raise Invalid("the new password and its confirmation differ", code="mismatch")
-        await _svc(request).accounts.change_own_password(user.principal, current, new)
+        await _svc(request).accounts.change_own_password(
+            user.principal, current, new, keep_session=user.secret
+        )
     except DomainError as exc:
         return await _account_page(request, user, status=exc.status, error=exc)
     return _done(PREFIX + "/account", "password")
