@@ -86,3 +86,19 @@ def test_readme_tour(e2e: E2E, tmp_path: Path) -> None:
     nobody = _cli(env, "cmd", "run", "nobody", "--", "true")
     assert nobody.returncode == 1 and "no device" in nobody.stderr
     assert len(json.loads(_cli(env, "cmd", "ls", "--json").stdout)) == 1
+
+    # reports over the real agent's inventory: a table, JSON, and the server's CSV export
+    has = _cli(env, "report", "who-has", "bash", "--source", "dpkg", "--json")
+    assert has.returncode == 0, has.stderr
+    holders = json.loads(has.stdout)["items"]
+    assert [h["device_name"] for h in holders] == ["tour-box"] and holders[0]["version"]
+    table = _cli(env, "report", "who-has", "bash")
+    assert table.returncode == 0 and "tour-box" in table.stdout and "1-1 of 1" in table.stderr
+    out = tmp_path / "errors.csv"
+    errs = _cli(env, "report", "errors", "--csv", str(out))
+    assert errs.returncode == 0, errs.stderr
+    assert "tour-box" in out.read_text()  # the run that exited 4
+    lacks = _cli(env, "report", "lacks", "no-such-package-xyz", "--csv", "-")
+    assert lacks.returncode == 0 and "tour-box" in lacks.stdout
+    bad = _cli(env, "report", "errors", "--kind", "nope")
+    assert bad.returncode == 2 and "commands or installs" in bad.stderr

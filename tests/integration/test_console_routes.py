@@ -139,6 +139,11 @@ async def test_dashboard_charts_and_device_search(api: Api, console: httpx.Async
     assert dash.status_code == 200
     assert dash.text.count('<svg class="chart-svg" role="img"') >= 4
     assert "Debian: 1 devices" in dash.text  # the chart's <desc> names every value
+    assert "No snapshots yet" in dash.text
+    assert await api.services.reports.snapshot_fleet(online_within_s=300, period_s=60)
+    dash = await console.get("/console/")
+    assert "Online and offline, last 7 days" in dash.text and "No snapshots yet" not in dash.text
+    assert "Online: from 0 on" in dash.text and "Offline: from 2 on" in dash.text  # never seen
     found = await console.get(
         "/console/devices",
         params={"q": "alpha"},

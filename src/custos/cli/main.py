@@ -14,6 +14,7 @@ def build_app() -> typer.Typer:
         agent_cmd,
         audit_cmds,
         demo_cmd,
+        report_cmds,
         server_cmd,
         software_cmds,
         task_cmds,
@@ -38,6 +39,7 @@ def build_app() -> typer.Typer:
     software_cmds.register(app)
     audit_cmds.register(app)
     user_cmds.register(app)
+    report_cmds.register(app)
     agent_cmd.register(app)
     demo_cmd.register(app)
     return app

@@ -388,6 +388,21 @@ async def dashboard(request: Request, user: User) -> Response:
         ctx["enrol_chart"] = charts.line_chart(
             "Enrolled devices, last 30 days", labels, [("Enrolled devices", values)]
         )
+        if scope is None:  # the snapshots count the whole fleet
+            points = await svc.reports.fleet_history(7)
+            # at most ~84 points (one per 2 h over a week), the newest always kept
+            stride = max(1, math.ceil(len(points) / 84))
+            points = points[::-1][::stride][::-1]
+            ctx["history_chart"] = charts.line_chart(
+                "Online and offline, last 7 days",
+                [f"{p.at.astimezone():%a %H:%M}" for p in points],
+                [
+                    ("Online", [p.online for p in points]),
+                    ("Offline", [p.offline for p in points]),
+                ],
+                empty="No snapshots yet: one is taken every "
+                f"{svc.settings.fleet_snapshot_s // 60} minutes.",
+            )
     if user.can("software.view"):
         deps = await svc.software.list_deployments(limit=50, offset=0)
         running = [d for d in deps if d.state in ("active", "paused")][:8]
