@@ -17,7 +17,7 @@ from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyotp
 from argon2 import PasswordHasher
@@ -527,21 +527,24 @@ class AccountService:
         if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
             raise Unauthorized("malformed API token", code="bad_token")
         async with self.db.read() as s:
-            row = (
+            # the token, its user and the user's grants in one statement (every admin request)
+            rows = (
                 await s.execute(
-                    select(ApiToken.expires_at, User.id, User.username, User.is_active)
-                    .join(User, User.id == ApiToken.user_id)
-                    .where(ApiToken.token_hash == sha256_hex(token.encode()))
+                    _with_grants(
+                        select(ApiToken.expires_at, User.id, User.username, User.is_active)
+                        .join(User, User.id == ApiToken.user_id)
+                        .where(ApiToken.token_hash == sha256_hex(token.encode()))
+                    )
                 )
-            ).first()
-            if row is None:
+            ).all()
+            if not rows:
                 raise Unauthorized("unknown API token; log in again", code="bad_token")
-            expires_at, uid, username, active = row
+            expires_at, uid, username, active = rows[0][:4]
             if expires_at < utcnow():
                 raise Unauthorized("API token expired; log in again", code="token_expired")
             if not active:
                 raise Unauthorized("account disabled", code="account_disabled")
-            return await self._principal(s, uid, username, "token")
+            return await self._principal(s, uid, username, "token", _grants_of(rows, 4))
 
     # ------------------------------------------------------------------ console sessions
 
@@ -578,22 +581,26 @@ class AccountService:
         if not secret or len(secret) > 200:
             raise Unauthorized("no console session", code="no_session")
         async with self.db.read() as s:
-            row = (
+            rows = (
                 await s.execute(
-                    select(
-                        ConsoleSession.expires_at,
-                        ConsoleSession.csrf,
-                        User.id,
-                        User.username,
-                        User.is_active,
+                    _with_grants(
+                        select(
+                            ConsoleSession.expires_at,
+                            ConsoleSession.csrf,
+                            User.id,
+                            User.username,
+                            User.is_active,
+                        )
+                        .join(User, User.id == ConsoleSession.user_id)
+                        .where(ConsoleSession.secret_hash == sha256_hex(secret.encode()))
                     )
-                    .join(User, User.id == ConsoleSession.user_id)
-                    .where(ConsoleSession.secret_hash == sha256_hex(secret.encode()))
                 )
-            ).first()
+            ).all()
+            row = rows[0] if rows else None
             if row is None or row[0] < utcnow() or not row[4]:
                 raise Unauthorized("session ended; log in again", code="no_session")
-            return await self._principal(s, row[2], row[3], "session"), row[1]
+            grants = _grants_of(rows, 5)
+            return await self._principal(s, row[2], row[3], "session", grants), row[1]
 
     async def close_session(self, secret: str) -> None:
         """Log out: the session cookie stops working."""
@@ -786,14 +793,27 @@ class AccountService:
             )
         return token, expires
 
-    async def _principal(self, s: AsyncSession, uid: int, username: str, via: str) -> Principal:
-        rows = (
-            await s.execute(
-                select(RoleGrant.id, RoleGrant.scoped, Role.name, Role.permissions)
-                .join(Role, Role.id == RoleGrant.role_id)
-                .where(RoleGrant.user_id == uid)
+    async def _principal(
+        self,
+        s: AsyncSession,
+        uid: int,
+        username: str,
+        via: str,
+        grants: Sequence[_Grant] | None = None,
+    ) -> Principal:
+        """The permissions of a user's grants (read here unless the caller has them)."""
+        if grants is None:
+            grants = _grants_of(
+                (
+                    await s.execute(
+                        select(RoleGrant.id, RoleGrant.scoped, Role.name, Role.permissions)
+                        .join(Role, Role.id == RoleGrant.role_id)
+                        .where(RoleGrant.user_id == uid)
+                    )
+                ).all(),
+                0,
             )
-        ).all()
+        rows = grants
         scoped_ids = [r.id for r in rows if r.scoped]
         groups_of: dict[int, set[int]] = defaultdict(set)
         if scoped_ids:
@@ -927,6 +947,33 @@ class AccountService:
                 )
             )
         return out
+
+
+@dataclass(frozen=True)
+class _Grant:
+    id: int
+    scoped: bool
+    name: str
+    permissions: list[str]
+
+
+def _with_grants(stmt: Any) -> Any:
+    """Add the user's grants (grant id, scoped, role name, permissions) to a query on User."""
+    return (
+        stmt.add_columns(RoleGrant.id, RoleGrant.scoped, Role.name, Role.permissions)
+        .outerjoin(RoleGrant, RoleGrant.user_id == User.id)
+        .outerjoin(Role, Role.id == RoleGrant.role_id)
+    )
+
+
+def _grants_of(rows: Sequence[Any], start: int) -> list[_Grant]:
+    """The grants in rows whose grant columns begin at `start` (outer-join NULLs skipped)."""
+    out = []
+    for r in rows:
+        gid, scoped, name, perms = r[start : start + 4]
+        if gid is not None and name is not None:
+            out.append(_Grant(gid, bool(scoped), name, list(perms or ())))
+    return out
 
 
 def _token_out(row: ApiToken) -> TokenOut:

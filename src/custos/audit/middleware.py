@@ -338,9 +338,10 @@ async def audited_login(
             result=result_of(exc.status),
             actor=username,
             via="anonymous",
+            target=f"user:{username}",
             remote=remote,
             status=exc.status,
-            detail={"error": exc.code, "channel": via},
+            detail={"status": exc.status, "error": exc.code, "channel": via},
         )
         raise
     await svc.audit.record(
@@ -348,7 +349,8 @@ async def audited_login(
         result="ok",
         actor=username,
         via=via,
+        target=f"user:{username}",
         remote=remote,
         status=200,
-        detail={"channel": via},
+        detail={"status": 200, "channel": via},
     )

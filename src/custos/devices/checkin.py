@@ -51,7 +51,7 @@ class DeviceCheckin:
         self.commands = commands
         self.work = work
         self._batch: CheckinBatcher = CheckinBatcher(
-            self._process_batch, workers=1 if db.dialect == "sqlite" else 2
+            self._process_batch, workers=1 if db.dialect == "sqlite" else 4
         )
         self.interval = interval
         self.max_commands = max_commands
