@@ -441,7 +441,8 @@ def _banner(
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold", no_wrap=True)
     facts.add_column(overflow="fold")
-    facts.add_row("Console / API", f"[cyan]{_esc(url)}[/]")
+    facts.add_row("Console", f"[cyan]{_esc(url)}/console/[/]")
+    facts.add_row("API", f"[cyan]{_esc(url)}/api/docs[/]")
     facts.add_row("Admin user", "admin")
     facts.add_row("Password", f"[bold yellow]{_esc(password)}[/]")
     facts.add_row("CA fingerprint", f"sha256:{fingerprint}")
@@ -454,6 +455,9 @@ def _banner(
 def _howto(url: str, fingerprint: str, example: str) -> list[str]:
     """Commands to try, one per line (printed unwrapped so they can be copied)."""
     return [
+        "",
+        "[bold]Open the console[/] in a browser (accept the demo CA's certificate, or import "
+        "it from /api/v1/ca); sign in as admin.",
         "",
         "[bold]Use the CLI[/] (in another terminal; the password is above):",
         f"  [cyan]custos login {_esc(url)} --user admin --ca-fingerprint sha256:{fingerprint}[/]",
