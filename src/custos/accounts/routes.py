@@ -60,7 +60,7 @@ async def me(who: Principal = Depends(admin)) -> Me:
 @router.get("/auth/tokens", response_model=list[ApiTokenOut])
 async def my_tokens(who: Principal = Depends(admin), svc: Services = Depends(services)) -> list:
     """The caller's unexpired API tokens."""
-    return [ApiTokenOut(**asdict(t)) for t in await svc.accounts.list_tokens(who.username)]
+    return [t for t in await svc.accounts.list_tokens(who.username)]
 
 
 @router.post("/auth/tokens", response_model=ApiTokenCreated, status_code=201)
@@ -69,7 +69,7 @@ async def create_token(
 ) -> ApiTokenCreated:
     """A named API token of the caller, with the caller's rights (the secret is shown once)."""
     secret, out = await svc.accounts.create_token(who, body.name, body.days)
-    return ApiTokenCreated(**asdict(out), token=secret)
+    return ApiTokenCreated(**out.model_dump(), token=secret)
 
 
 @router.delete("/auth/tokens/{token_id}", status_code=204)
@@ -113,7 +113,7 @@ async def totp_confirm(
 @router.get("/users", response_model=list[UserOut])
 async def list_users(_who: Principal = Depends(_USERS), svc: Services = Depends(services)) -> list:
     """Every user with their grants."""
-    return [UserOut(**asdict(u)) for u in await svc.accounts.list_users()]
+    return await svc.accounts.list_users()
 
 
 @router.post("/users", response_model=UserOut, status_code=201)
@@ -129,7 +129,7 @@ async def create_user(
         display_name=body.display_name,
         email=body.email,
     )
-    return UserOut(**asdict(out))
+    return out
 
 
 @router.post("/users/sync", response_model=DirectorySyncOut)
@@ -145,7 +145,7 @@ async def show_user(
     username: str, _who: Principal = Depends(_USERS), svc: Services = Depends(services)
 ) -> UserOut:
     """One user."""
-    return UserOut(**asdict(await svc.accounts.show_user(username)))
+    return await svc.accounts.show_user(username)
 
 
 @router.post("/users/{username}/disable", response_model=UserOut)
@@ -153,7 +153,7 @@ async def disable_user(
     username: str, who: Principal = Depends(_USERS), svc: Services = Depends(services)
 ) -> UserOut:
     """Disable a user: their tokens and sessions end at once."""
-    return UserOut(**asdict(await svc.accounts.set_active(username, False, actor=who)))
+    return await svc.accounts.set_active(username, False, actor=who)
 
 
 @router.post("/users/{username}/enable", response_model=UserOut)
@@ -161,7 +161,7 @@ async def enable_user(
     username: str, who: Principal = Depends(_USERS), svc: Services = Depends(services)
 ) -> UserOut:
     """Enable a user again."""
-    return UserOut(**asdict(await svc.accounts.set_active(username, True, actor=who)))
+    return await svc.accounts.set_active(username, True, actor=who)
 
 
 @router.put("/users/{username}/password", status_code=204)
@@ -193,7 +193,7 @@ async def grant_role(
     svc: Services = Depends(services),
 ) -> UserOut:
     """Give a user a role, everywhere or on device groups."""
-    return UserOut(**asdict(await svc.accounts.grant(username, body.role, body.groups)))
+    return await svc.accounts.grant(username, body.role, body.groups)
 
 
 @router.delete("/users/{username}/grants/{grant_id}", response_model=UserOut)
@@ -204,13 +204,13 @@ async def revoke_grant(
     svc: Services = Depends(services),
 ) -> UserOut:
     """Take a grant away."""
-    return UserOut(**asdict(await svc.accounts.revoke_grant(username, grant_id)))
+    return await svc.accounts.revoke_grant(username, grant_id)
 
 
 @router.get("/roles", response_model=list[RoleOut])
 async def list_roles(_who: Principal = Depends(admin), svc: Services = Depends(services)) -> list:
     """Every role with its permissions."""
-    return [RoleOut(**asdict(r)) for r in await svc.accounts.list_roles()]
+    return [r for r in await svc.accounts.list_roles()]
 
 
 @router.post("/roles", response_model=RoleOut, status_code=201)
@@ -219,7 +219,7 @@ async def create_role(
 ) -> RoleOut:
     """A custom role made of permissions."""
     out = await svc.accounts.create_role(body.name, body.permissions, body.description)
-    return RoleOut(**asdict(out))
+    return out
 
 
 @router.delete("/roles/{name}", status_code=204)

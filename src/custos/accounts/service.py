@@ -42,6 +42,8 @@ from custos.accounts.permissions import (
     SCOPABLE,
     unknown,
 )
+from custos.accounts.schemas import ApiTokenOut as TokenOut
+from custos.accounts.schemas import GrantOut, RoleOut, UserOut
 from custos.db.base import utcnow
 from custos.db.engine import Database
 from custos.devices.ca import sha256_hex
@@ -134,56 +136,6 @@ class SessionGrant:
     csrf: str
     expires_at: datetime
     principal: Principal
-
-
-@dataclass(frozen=True)
-class GrantOut:
-    """One role a user holds, everywhere or on groups."""
-
-    id: int
-    role: str
-    groups: list[str]
-    source: str
-
-
-@dataclass(frozen=True)
-class UserOut:
-    """A user as listed."""
-
-    id: int
-    username: str
-    display_name: str
-    email: str
-    source: str
-    is_active: bool
-    totp: bool
-    grants: list[GrantOut]
-    last_login_at: datetime | None
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class RoleOut:
-    """A role as listed."""
-
-    id: int
-    name: str
-    description: str
-    permissions: list[str]
-    builtin: bool
-    users: int
-
-
-@dataclass(frozen=True)
-class TokenOut:
-    """An API token as listed (never the secret)."""
-
-    id: int
-    name: str
-    kind: str
-    prefix: str
-    created_at: datetime
-    expires_at: datetime
 
 
 class _RemoteLimiter:
@@ -410,7 +362,14 @@ class AccountService:
             role = Role(name=name, permissions=perms, description=description[:500])
             uow.session.add(role)
             await uow.session.flush()
-            return RoleOut(role.id, name, role.description, perms, False, 0)
+            return RoleOut(
+                id=role.id,
+                name=name,
+                description=role.description,
+                permissions=perms,
+                builtin=False,
+                users=0,
+            )
 
     async def delete_role(self, name: str) -> None:
         """Delete a custom role (its grants go with it)."""
@@ -437,12 +396,12 @@ class AccountService:
             roles = (await s.scalars(select(Role).order_by(Role.builtin.desc(), Role.name))).all()
             return [
                 RoleOut(
-                    r.id,
-                    r.name,
-                    r.description,
-                    sorted(r.permissions),
-                    r.builtin,
-                    int(counts.get(r.id, 0)),
+                    id=r.id,
+                    name=r.name,
+                    description=r.description,
+                    permissions=sorted(r.permissions),
+                    builtin=r.builtin,
+                    users=int(counts.get(r.id, 0)),
                 )
                 for r in roles
             ]
@@ -928,7 +887,9 @@ class AccountService:
                 gnames[gid].append(name)
         by_user: dict[int, list[GrantOut]] = defaultdict(list)
         for g in grants:
-            by_user[g.user_id].append(GrantOut(g.id, g.name, gnames[g.id], g.source))
+            by_user[g.user_id].append(
+                GrantOut(id=g.id, role=g.name, groups=gnames[g.id], source=g.source)
+            )
         out = []
         for uid in ids:
             u = users[uid]
@@ -977,7 +938,14 @@ def _grants_of(rows: Sequence[Any], start: int) -> list[_Grant]:
 
 
 def _token_out(row: ApiToken) -> TokenOut:
-    return TokenOut(row.id, row.name, row.kind, row.prefix, row.created_at, row.expires_at)
+    return TokenOut(
+        id=row.id,
+        name=row.name,
+        kind=row.kind,
+        prefix=row.prefix,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+    )
 
 
 def same_secret(a: str, b: str) -> bool:
