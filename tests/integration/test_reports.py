@@ -523,9 +523,8 @@ async def test_views_have_their_documented_columns(api):
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # roles are PostgreSQL's
 async def test_reporting_role_reads_views_only(db_url, api):
-    if not db_url.startswith("postgresql"):
-        pytest.skip("the reporting role is a PostgreSQL feature")
     import asyncpg
 
     await fleet(api)
