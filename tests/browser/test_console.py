@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -220,4 +223,57 @@ def test_turn_on_two_factor_sign_in(page: Any, console_server: Any) -> None:
     expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
     page.get_by_role("link", name=re.compile("Your account")).click()
     expect(page.locator("#two-factor")).to_contain_text("Two-factor sign-in is on")
+    assert page.js_errors == []
+
+
+# every value the upload's progress bar takes, recorded as the page sets it
+WATCH_PROGRESS = """() => {
+  window.uploadValues = [];
+  const bar = document.getElementById('upload-progress');
+  new MutationObserver(() => window.uploadValues.push(bar.value))
+    .observe(bar, {attributes: true, attributeFilter: ['value']});
+}"""
+
+
+def test_upload_a_package_with_a_progress_bar(
+    page: Any, console_server: Any, tmp_path: Path
+) -> None:
+    # the integration tests' package builder: a .cpkg with a manifest and a payload
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+    from test_software import cpkg, payload
+
+    path = cpkg(tmp_path / "tool-1.0.cpkg", "1.0", tmp_path / "tool.bin", payload(7))
+    sign_in(page, console_server)
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Software").click()
+    expect(page.get_by_role("heading", name="Software", exact=True)).to_be_visible()
+    expect(page.locator("#package-list")).to_contain_text("No packages yet")
+    assert_labelled(page)
+    page.get_by_label(re.compile("^Package file")).set_input_files(str(path))
+    page.evaluate(WATCH_PROGRESS)
+    page.get_by_role("button", name="Upload").click()
+    status = page.locator("#upload-status")
+    expect(status).to_contain_text("Upload finished", timeout=30_000)
+    bar = page.get_by_label("Upload progress")
+    expect(bar).to_be_visible()
+    expect(bar).to_have_js_property("value", 100)
+    values = page.evaluate("window.uploadValues")
+    assert values and values[-1] == 100 and values == sorted(values), values
+    expect(page.locator("#messages")).to_contain_text("Uploaded tool 1.0")
+    # the list and the deploy form are refreshed in place, without a reload
+    listed = page.locator("#package-list").get_by_role("link", name="tool", exact=True)
+    expect(listed).to_be_visible()
+    expect(page.get_by_label("Package", exact=True)).to_contain_text("tool 1.0")
+    assert_labelled(page)
+    # the page as the upload left it (the fixture keeps the last page, the package's own)
+    shots = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(
+        path=str(shots / "test_upload_a_package_with_a_progress_bar-list.png"), full_page=True
+    )
+    listed.click()
+    expect(page.get_by_role("heading", name=re.compile("^tool"))).to_be_visible()
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    integrity = page.get_by_role("region", name="Integrity")
+    expect(integrity).to_contain_text(sha)
+    expect(integrity).to_contain_text(re.compile(r"Signature\s*[A-Za-z0-9+/]{40,}={0,2}"))
     assert page.js_errors == []

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -611,3 +613,398 @@ async def test_own_password_change_keeps_only_this_session(api: Api) -> None:
         assert r.status_code == 303, r.text[:500]
         assert (await a.get("/console/account")).status_code == 200  # still signed in
         assert (await b.get("/console/account")).status_code == 303  # the other browser is out
+
+
+# --- software pages: upload, packages, deployments ------------------------------------------
+
+UPLOAD = "/console/software/upload"
+
+
+async def console_upload(
+    http: httpx.AsyncClient, csrf: str, filename: str, body: bytes, **params: str
+) -> httpx.Response:
+    """Post a file as the software page's script does: raw body, CSRF header, HX-Request."""
+    return await http.post(
+        UPLOAD,
+        params={"filename": filename, **params},
+        content=body,
+        headers={
+            "x-csrf-token": csrf,
+            "content-type": "application/octet-stream",
+            "hx-request": "true",
+        },
+    )
+
+
+def stored_files(data_dir: Path) -> set[Path]:
+    """Files under the upload temp directory and the artifact store."""
+    out: set[Path] = set()
+    for sub in ("tmp", "artifacts"):
+        root = Path(data_dir) / sub
+        if root.exists():
+            out.update(p for p in root.rglob("*") if p.is_file())
+    return out
+
+
+async def packages_of(api: Api) -> list[Any]:
+    return list(await api.services.software.list_packages(name=None, limit=100, offset=0))
+
+
+async def software_csrf(http: httpx.AsyncClient) -> tuple[str, str]:
+    """The software page's text and the session's CSRF token."""
+    page = await http.get("/console/software")
+    assert page.status_code == 200, page.text[:2000]
+    return page.text, page_csrf(page.text)
+
+
+async def test_upload_a_package_from_the_console(
+    api: Api, console: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    from test_software import cpkg
+
+    text, csrf = await software_csrf(console)
+    assert f'data-upload="{UPLOAD}"' in text and "No packages yet" in text
+    path = cpkg(tmp_path / "tool-1.0.cpkg", "1.0", tmp_path / "tool.bin", b"payload " * 5000)
+    body = path.read_bytes()
+    # without the session's token nothing is stored
+    r = await console.post(
+        UPLOAD,
+        params={"filename": path.name},
+        content=body,
+        headers={"content-type": "application/octet-stream"},
+    )
+    assert r.status_code == 403 and "CSRF" in r.text
+    assert await packages_of(api) == []
+    r = await console_upload(console, csrf, path.name, body)
+    assert r.status_code == 201, r.text
+    (pkg,) = await packages_of(api)
+    detail = await api.services.software.show_package(pkg.id)
+    assert f'href="/console/software/packages/{pkg.id}"' in r.text and "tool 1.0" in r.text
+    assert detail.sha256 == hashlib.sha256(body).hexdigest()
+    assert detail.created_by == "admin" and detail.filename == path.name
+    listing = await console.get("/console/software")
+    assert f'<a href="/console/software/packages/{pkg.id}">tool</a>' in listing.text
+    assert "No packages yet" not in listing.text
+    # the deploy form offers the new package
+    assert f'<option value="{pkg.id}">tool 1.0</option>' in listing.text
+    shown = await console.get(f"/console/software/packages/{pkg.id}")
+    assert shown.status_code == 200, shown.text[:2000]
+    assert "<h1>tool <span" in shown.text
+    assert detail.sha256 in shown.text
+    assert detail.signature and detail.signature in shown.text
+    assert "version_file" in html.unescape(shown.text)  # the detection rule
+    # NAME==VERSION and NAME reach the same page; a missing one is a 404 page
+    by_name = await console.get("/console/software/packages/tool==1.0")
+    assert by_name.status_code == 200 and detail.sha256 in by_name.text
+    gone = await console.get("/console/software/packages/nothing==1")
+    assert gone.status_code == 404 and "Not found" in gone.text
+    # the same name and version again: a message for the page, not a second package
+    again = await console_upload(console, csrf, path.name, body)
+    assert again.status_code == 409, again.text
+    assert 'role="alert"' in again.text and "tool 1.0 exists" in again.text
+    assert "<html" not in again.text  # a fragment for the page's message area
+    assert len(await packages_of(api)) == 1
+    # a plain file carries no name or version: the form's optional fields give them
+    extra = {"name": "motd", "version": "2", "destination": "/etc/motd"}
+    r = await console_upload(console, csrf, "motd.txt", b"welcome\n", **extra)
+    assert r.status_code == 201, r.text
+    motd = await api.services.software.show_package("motd==2")
+    assert motd.format == "file" and motd.descriptor["destination"] == "/etc/motd"
+    uploads = [(t, r) for a, t, r in await audit_entries(api, "admin") if a == "package.upload"]
+    assert uploads == [("", "denied"), ("", "ok"), ("", "failed"), ("", "ok")]
+
+
+async def test_bad_uploads_are_clear_refusals_that_leave_nothing(
+    api: Api, console: httpx.AsyncClient
+) -> None:
+    _text, csrf = await software_csrf(console)
+    data_dir = api.services.settings.data_dir
+    before = stored_files(data_dir)
+    cases: list[tuple[str, bytes, dict[str, str], int, str]] = [
+        ("junk.cpkg", b"\x00not a tar archive\xff" * 300, {}, 422, "cpkg"),
+        ("empty.cpkg", b"", {}, 422, "empty"),
+        ("notes.txt", b"just some text\n" * 100, {}, 422, "give one"),
+        ("setup.msi", b"MZ not an msi" * 100, {}, 422, "not an msi"),
+        ("..", b"x" * 100, {}, 422, "file name"),
+        ("tool.cpkg", b"x" * 100, {"name": "bad name!"}, 422, "name"),
+    ]
+    for filename, body, params, status, reason in cases:
+        r = await console_upload(console, csrf, filename, body, **params)
+        assert r.status_code == status, (filename, r.status_code, r.text[:500])
+        assert "text/html" in r.headers["content-type"], filename
+        assert 'role="alert"' in r.text and reason in html.unescape(r.text), (filename, r.text)
+    # without the script (no HX-Request) the refusal is a whole page
+    r = await console.post(
+        UPLOAD,
+        params={"filename": "junk.cpkg"},
+        content=b"\x00" * 1000,
+        headers={"x-csrf-token": csrf, "content-type": "application/octet-stream"},
+    )
+    assert r.status_code == 422 and "<h1>Something went wrong</h1>" in r.text
+    # a missing file name is a validation message, not a 500
+    r = await console.post(
+        UPLOAD, content=b"x", headers={"x-csrf-token": csrf, "hx-request": "true"}
+    )
+    assert r.status_code == 422 and "filename" in r.text
+    assert await packages_of(api) == []
+    assert stored_files(data_dir) == before
+    results = [r for a, _t, r in await audit_entries(api, "admin") if a == "package.upload"]
+    assert results == ["failed"] * (len(cases) + 2)
+
+
+async def test_oversized_upload_is_refused_before_anything_is_stored(
+    settings: Any, tmp_path: Path
+) -> None:
+    from custos.server.app import create_app
+
+    limit = 64 * 1024
+    app = create_app(settings.model_copy(update={"max_package_bytes": limit}))
+    password = settings.admin_password.get_secret_value()
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            await console_login(http, "admin", password)
+            page = await http.get("/console/software")
+            # the page tells its script the limit, so a browser refuses before sending
+            assert f'data-max-bytes="{limit}"' in page.text
+            csrf = page_csrf(page.text)
+            before = stored_files(settings.data_dir)
+            big = b"y" * (limit + 1)
+            r = await console_upload(http, csrf, "big.cpkg", big)
+            assert r.status_code == 413, r.text
+            assert str(limit) in r.text
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for _ in range(4):
+                    yield b"z" * (limit // 2)
+
+            # a body without a length is cut off as soon as it passes the limit
+            r = await http.post(
+                UPLOAD,
+                params={"filename": "big.cpkg"},
+                content=chunks(),
+                headers={"x-csrf-token": csrf, "content-type": "application/octet-stream"},
+            )
+            assert r.status_code == 413, r.text
+            assert stored_files(settings.data_dir) == before
+            assert (
+                await app.state.services.software.list_packages(name=None, limit=10, offset=0) == []
+            )
+            # the cut-off upload is in the audit log as a refused request, not a server error
+            page = await app.state.services.audit.query(action_prefix="package.upload", limit=5)
+            results = [(e.result, e.status) for e in page.entries]
+            assert results and results[0] == ("failed", 413)
+
+
+async def make_group(api: Api, name: str, devices: list[Any]) -> None:
+    assert (await api.post("/api/v1/groups", json={"name": name})).status_code == 201
+    r = await api.post(
+        f"/api/v1/groups/{name}/devices", json={"devices": [d.device_id for d in devices]}
+    )
+    assert r.status_code == 200, r.text
+
+
+async def report_state(dev: Any, dep: Any, state: str, progress: int = 0) -> None:
+    """The device tells the server how far it got (the device protocol's status call)."""
+    from custos import protocol
+    from custos.agent.client import encode_json
+
+    body = {
+        "deployment_id": dep.id,
+        "package_id": dep.package_id,
+        "state": state,
+        "progress": progress,
+        "detail": f"{state} <b>{progress}%</b>",
+    }
+    await dev.request("POST", protocol.DEVICE_API + "/software/status", body=encode_json(body))
+
+
+async def test_deploy_to_a_group_from_the_console_and_watch_it_finish(
+    api: Api, console: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    from test_software import cpkg, manager, take_software
+
+    lab = [await api.new_device("lab-1"), await api.new_device("lab-2")]
+    await api.new_device("elsewhere")
+    await make_group(api, "lab", lab)
+    text, csrf = await software_csrf(console)
+    assert "No packages yet" in text and 'id="dep-package"' not in text
+    path = cpkg(tmp_path / "tool-1.0.cpkg", "1.0", tmp_path / "installed.bin", b"t" * 20_000)
+    assert (await console_upload(console, csrf, path.name, path.read_bytes())).status_code == 201
+    (pkg,) = await packages_of(api)
+    text, _ = await software_csrf(console)
+    assert '<input type="checkbox" name="groups" value="lab">' in text
+    form = {"package": pkg.id, "devices": "", "action": "install", "mode": "required"}
+    # refusals come back as pages with the reason, never a 500
+    for extra, status, reason in (
+        ({"waves": "100"}, 422, "at least one device, group or label"),
+        ({"groups": "lab", "waves": "ten"}, 422, "waves are percentages"),
+        ({"groups": "lab", "waves": "50, 20"}, 422, "rise strictly"),
+        ({"groups": "nowhere", "waves": "100"}, 404, "no group named"),
+        ({"groups": "lab", "waves": "100", "action": "reboot"}, 422, "action"),
+    ):
+        r = await console.post(
+            "/console/software/deployments", data={**form, **extra, "csrf": csrf}
+        )
+        assert r.status_code == status, (extra, r.text[:1000])
+        assert reason in html.unescape(r.text), (extra, r.text[:3000])
+    assert await api.services.software.list_deployments(limit=10, offset=0) == []
+    r = await console.post(
+        "/console/software/deployments",
+        data={**form, "groups": "lab", "waves": "100", "csrf": csrf},
+    )
+    assert r.status_code == 303, r.text[:2000]
+    dep_id = r.headers["location"].rsplit("/", 1)[1]
+    assert r.headers["location"] == f"/console/software/deployments/{dep_id}"
+    dep = await api.services.software.show_deployment(dep_id)
+    assert dep.targets["groups"] == ["lab"] and dep.created_by == "admin"
+    assert sorted(d.hostname for d in dep.devices) == ["lab-1", "lab-2"]
+    assert {d.state for d in dep.devices} == {"queued"}  # the first wave was sent at once
+    page = await console.get(r.headers["location"])
+    assert page.status_code == 200, page.text[:2000]
+    assert "Deployment tool-1.0-install" in page.text and "groups: lab" in page.text
+    assert 'hx-trigger="every 2s"' in page.text and "elsewhere" not in page.text
+    assert page.text.count('<span class="badge badge-queued">queued</span>') == 2
+    url = f"/console/software/deployments/{dep_id}/progress"
+    frag = await console.get(url, headers={"hx-request": "true"})
+    assert frag.status_code == 200
+    assert frag.text.startswith('<section id="progress"') and "<html" not in frag.text
+    assert 'hx-trigger="every 2s"' in frag.text and "0 of 2 devices finished" in frag.text
+
+    # the devices' real agent code installs the package, one device after the other
+    await take_software(api, lab[0], manager(lab[0], tmp_path))
+    frag = await console.get(url, headers={"hx-request": "true"})
+    assert "1 of 2 devices finished" in frag.text and 'hx-trigger="every 2s"' in frag.text
+    row = frag.text.split(">lab-1</a>")[1].split("</tr>")[0]
+    assert '<span class="badge badge-installed">installed</span>' in row and "100%" in row
+    row = frag.text.split(">lab-2</a>")[1].split("</tr>")[0]
+    assert '<span class="badge badge-queued">queued</span>' in row
+    await take_software(api, lab[1], manager(lab[1], tmp_path))
+    frag = await console.get(url, headers={"hx-request": "true"})
+    assert "2 of 2 devices finished" in frag.text
+    assert "hx-trigger" not in frag.text and 'aria-busy="false"' in frag.text
+    assert frag.text.count('<span class="badge badge-installed">installed</span>') == 2
+    page = await console.get(f"/console/software/deployments/{dep_id}")
+    assert "hx-trigger" not in page.text.split('<section id="progress"')[1]
+    listing = await console.get("/console/software")
+    assert (
+        "2/2" in listing.text and f'href="/console/software/deployments/{dep_id}"' in listing.text
+    )
+    results = [r for a, _t, r in await audit_entries(api, "admin") if a == "deployment.create"]
+    assert results == ["failed"] * 5 + ["ok"]
+
+
+async def test_pause_resume_and_abort_from_the_console(
+    api: Api, console: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    from test_software import cpkg, upload
+
+    devs = [await api.new_device(f"wave-{i}") for i in range(4)]
+    await make_group(api, "waves", devs)
+    await upload(api, cpkg(tmp_path / "tool.cpkg", "1.0", tmp_path / "t.bin", b"w" * 1000))
+    _text, csrf = await software_csrf(console)
+    r = await console.post(
+        "/console/software/deployments",
+        data={"package": "tool", "groups": "waves", "waves": "25, 100", "csrf": csrf},
+    )
+    assert r.status_code == 303, r.text[:2000]
+    dep_url = r.headers["location"]
+    dep_id = dep_url.rsplit("/", 1)[1]
+    dep = await api.services.software.show_deployment(dep_id)
+    assert sorted(d.state for d in dep.devices) == ["pending", "pending", "pending", "queued"]
+    first = next(
+        d for d in devs if d.device_id in {x.device_id for x in dep.devices if x.state == "queued"}
+    )
+    page = await console.get(dep_url)
+    assert (
+        f'action="{dep_url}/pause"' in page.text and f'action="{dep_url}/resume"' not in page.text
+    )
+
+    r = await console.post(f"{dep_url}/pause", data={"csrf": csrf})
+    assert r.status_code == 303 and r.headers["location"] == dep_url
+    assert (await api.services.software.show_deployment(dep_id)).state == "paused"
+    page = await console.get(dep_url)
+    assert (
+        f'action="{dep_url}/resume"' in page.text and f'action="{dep_url}/pause"' not in page.text
+    )
+    assert "paused by an administrator" in page.text
+    # paused, the device already sent the package goes on; its page keeps up with it
+    await report_state(first, dep, "downloading", 40)
+    frag = await console.get(f"{dep_url}/progress", headers={"hx-request": "true"})
+    assert 'hx-trigger="every 2s"' in frag.text, frag.text
+    assert '<span class="badge badge-downloading">downloading</span>' in frag.text
+    assert "40%" in frag.text and "downloading &lt;b&gt;40%&lt;/b&gt;" in frag.text
+
+    r = await console.post(f"{dep_url}/resume", data={"csrf": csrf})
+    assert r.status_code == 303
+    assert (await api.services.software.show_deployment(dep_id)).state == "active"
+    r = await console.post(f"{dep_url}/abort", data={"csrf": csrf})
+    assert r.status_code == 303
+    dep = await api.services.software.show_deployment(dep_id)
+    assert dep.state == "aborted"
+    assert sorted(d.state for d in dep.devices) == ["cancelled"] * 3 + ["downloading"]
+    page = await console.get(dep_url)
+    assert "aborted by an administrator" in page.text and f'action="{dep_url}/' not in page.text
+    assert 'hx-trigger="every 2s"' in page.text  # the one device still downloading
+    await report_state(first, dep, "failed")
+    frag = await console.get(f"{dep_url}/progress", headers={"hx-request": "true"})
+    assert "hx-trigger" not in frag.text and "4 of 4 devices finished" in frag.text
+    # an aborted deployment stays aborted; unknown actions are not found
+    r = await console.post(f"{dep_url}/resume", data={"csrf": csrf})
+    assert r.status_code == 409 and "aborted" in r.text
+    r = await console.post(f"{dep_url}/explode", data={"csrf": csrf})
+    assert r.status_code == 404
+    assert (await api.services.software.show_deployment(dep_id)).state == "aborted"
+    target = f"deployment:{dep_id}"
+    entries = [(a, t, r) for a, t, r in await audit_entries(api, "admin") if t == target]
+    assert entries == [
+        ("deployment.pause", target, "ok"),
+        ("deployment.resume", target, "ok"),
+        ("deployment.abort", target, "ok"),
+        ("deployment.resume", target, "failed"),
+        ("deployment.change", target, "failed"),
+    ]
+
+
+async def test_helpdesk_cannot_upload_or_deploy(api: Api, tmp_path: Path) -> None:
+    from test_software import cpkg, upload
+
+    dev = await api.new_device("hd-sw-1")
+    await make_group(api, "desk", [dev])
+    path = cpkg(tmp_path / "tool.cpkg", "1.0", tmp_path / "t.bin", b"h" * 1000)
+    await upload(api, path)
+    r = await api.post(
+        "/api/v1/deployments", json={"package": "tool", "targets": {"groups": ["desk"]}}
+    )
+    assert r.status_code == 201, r.text
+    dep_id = r.json()["id"]
+    await new_user(api, "hdsw", "hdsw-password-1", ["helpdesk"])
+    other = cpkg(tmp_path / "tool-2.cpkg", "2.0", tmp_path / "t.bin", b"h" * 1000)
+    async with signed_in(api, "hdsw", "hdsw-password-1") as http:
+        text, csrf = await software_csrf(http)
+        # the pages are there to look at, without the forms
+        assert "tool" in text and "data-upload" not in text and 'id="dep-package"' not in text
+        page = await http.get(f"/console/software/deployments/{dep_id}")
+        assert page.status_code == 200 and "/pause" not in page.text and "/abort" not in page.text
+        r = await console_upload(http, csrf, other.name, other.read_bytes())
+        assert r.status_code == 403 and "software.manage" in r.text
+        r = await http.post(
+            "/console/software/deployments",
+            data={"package": "tool", "groups": "desk", "csrf": csrf},
+        )
+        assert r.status_code == 403 and "software.deploy" in r.text
+        for act in ("pause", "abort"):
+            r = await http.post(
+                f"/console/software/deployments/{dep_id}/{act}", data={"csrf": csrf}
+            )
+            assert r.status_code == 403 and "software.deploy" in r.text
+    assert [p.version for p in await packages_of(api)] == ["1.0"]
+    deps = await api.services.software.list_deployments(limit=10, offset=0)
+    assert [(d.id, d.state) for d in deps] == [(dep_id, "active")]
+    denied = [(a, r) for a, _t, r in await audit_entries(api, "hdsw")]
+    assert denied == [
+        ("package.upload", "denied"),
+        ("deployment.create", "denied"),
+        ("deployment.pause", "denied"),
+        ("deployment.abort", "denied"),
+    ]

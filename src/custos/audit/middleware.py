@@ -268,10 +268,14 @@ class AuditMiddleware:
 
         try:
             await self.app(scope, receive, audited_send)
-        except Exception:
+        except Exception as exc:
             if not recorded:
+                from custos.server.http import BodyTooLarge
+
                 recorded = True
-                await self._record(scope, state, 500, None)
+                # the body guard outside this layer has answered 413 itself
+                failed = 413 if isinstance(exc, BodyTooLarge) else 500
+                await self._record(scope, state, failed, None)
             raise
         if not recorded and status:
             # the response never finished (the client went away); the action still ran

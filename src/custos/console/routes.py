@@ -59,6 +59,9 @@ PAGE_SIZES = (25, 50, 100)
 DEVICE_SORTS = ("name", "os", "model", "last_seen", "enrolled_at", "status")
 # deployment device states after which nothing more happens
 DEPLOY_DONE = frozenset({"installed", "removed", "failed", "cancelled"})
+# states in which a device works on its own, whatever the deployment's state: pausing or
+# aborting stops new sends, not a device that already has its command
+DEPLOY_MOVING = frozenset({"queued", "downloading", "downloaded", "installing", "removing"})
 RUN_DONE = frozenset(RUN_TERMINAL)
 HISTORY_LIMIT = 500
 
@@ -643,7 +646,14 @@ async def software(
     return render(
         request, "software.html", user, active="software", packages=packages,
         deployments=deployments, groups=groups, upload_path=UPLOAD_PATH,
+        max_bytes=svc.settings.max_package_bytes,
     )  # fmt: skip
+
+
+def _optional(value: str | None) -> str | None:
+    """An empty form field (the script sends every field) means "not given"."""
+    value = (value or "").strip()
+    return value or None
 
 
 @router.post(UPLOAD_PATH[len(PREFIX) :])
@@ -651,15 +661,27 @@ async def upload_package(
     request: Request,
     user: Annotated[ConsoleUser, _needs("software.manage")],
     filename: Annotated[str, Query(min_length=1, max_length=255)],
+    name: Annotated[str | None, Query(max_length=100)] = None,
+    version: Annotated[str | None, Query(max_length=100)] = None,
+    destination: Annotated[str | None, Query(max_length=4096)] = None,
 ) -> Response:
-    """A package file as the raw request body (the page's script shows upload progress)."""
+    """A package file as the raw request body (the page's script shows upload progress).
+
+    Name and version are for formats that do not carry them (msi, plain files); a plain
+    file also needs its destination path on the devices.
+    """
     from custos.software.routes import receive_file
 
     svc = _svc(request)
     tmp = await receive_file(request, svc)
     try:
         pkg = await svc.software.add_package(
-            tmp, filename=Path(filename).name, created_by=user.principal.username
+            tmp,
+            filename=filename,
+            name=_optional(name),
+            version=_optional(version),
+            destination=_optional(destination),
+            created_by=user.principal.username,
         )
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -723,7 +745,9 @@ async def _deployment_view(svc: Services, ref: str) -> dict[str, Any]:
     dep = await svc.software.show_deployment(ref)
     total = sum(dep.counts.values())
     finished = sum(n for s, n in dep.counts.items() if s in DEPLOY_DONE)
-    live = dep.state == "active" and finished < total
+    # a paused or aborted deployment still has devices reporting until they are done
+    moving = any(dep.counts.get(s) for s in DEPLOY_MOVING)
+    live = moving or (dep.state == "active" and finished < total)
     return {"dep": dep, "total": total, "finished": finished, "live": live}
 
 

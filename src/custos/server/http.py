@@ -148,7 +148,7 @@ class RequestGuard:
                     if not started and not refused:
                         refused = True
                         await _send_413(send, limit)
-                    raise _BodyTooLarge
+                    raise BodyTooLarge
             return msg
 
         async def tracking_send(msg: Message) -> None:
@@ -159,12 +159,12 @@ class RequestGuard:
                 started = True
             await send(msg)
 
-        with contextlib.suppress(_BodyTooLarge):
+        with contextlib.suppress(BodyTooLarge):
             await self.app(scope, counting_receive, tracking_send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(Exception):
+    """Raised into the app when a streamed body passes the limit (the 413 is already sent)."""
 
 
 async def _send_413(send: Send, limit: int) -> None:
