@@ -15,6 +15,9 @@ import pytest
 
 from custos.db.migrate import upgrade
 
+# hundreds of apps start in this one process: objects frozen at each start would pile up
+os.environ.setdefault("CUSTOS_GC_FREEZE_AT_START", "false")
+
 PG_DSN = os.environ.get("CUSTOS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 ADMIN_PASSWORD = "admin-test-pw-1"
 

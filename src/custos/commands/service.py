@@ -10,9 +10,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, or_, select, true, tuple_, update
+from sqlalchemy import (
+    String,
+    any_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
+from sqlalchemy.sql.elements import ColumnElement
 
 from custos.commands.models import Command, CommandRun, Upload
 from custos.commands.schemas import (
@@ -34,6 +48,8 @@ from custos.push.hub import PushHub
 
 PENDING = ("queued", "sent")
 TERMINAL = ("succeeded", "failed", "interrupted", "expired", "rejected", "cancelled")
+# runs a result may still close
+OPEN = ("queued", "sent", "acked")
 RUN_ID_CHARS = set("0123456789abcdef")
 # runs listed in the answer to creating a command (the counts cover all of them)
 CREATE_RUNS_SHOWN = 100
@@ -41,6 +57,15 @@ CREATE_RUNS_SHOWN = 100
 
 def _counts(rows: Sequence[tuple[str, int]]) -> dict[str, int]:
     return {state: n for state, n in rows}
+
+
+def _state_in(states: Sequence[str]) -> ColumnElement[bool]:
+    """`state IN ('a', 'b')` written into the SQL (constants of this module, never input).
+
+    A bound list would be an "expanding" parameter, which executemany does not allow and
+    which makes a different SQL string per length.
+    """
+    return CommandRun.state.in_([literal_column(f"'{st}'") for st in states])
 
 
 class CommandService:
@@ -51,9 +76,19 @@ class CommandService:
         self.upload_dir = upload_dir
         self.max_output = max_output
         self.push = push
+        # the check-in's statements are built once: each batch of check-ins runs them with
+        # new parameters only, so SQLAlchemy's compiled cache and asyncpg's prepared statements
+        # are hit every time (an IN list of the batch's size was a new statement per size)
+        self._pg = db.dialect == "postgresql"
+        # a result closes a run of that device that is still open; a second report of the
+        # same run (in this batch or later) finds it closed and changes nothing
         self._result_stmt = (
             update(CommandRun)
-            .where(CommandRun.id == bindparam("r_id"))
+            .where(
+                CommandRun.id == bindparam("r_id"),
+                CommandRun.device_id == bindparam("r_dev"),
+                _state_in(OPEN),
+            )
             .values(
                 state=bindparam("r_state"),
                 exit_code=bindparam("r_exit"),
@@ -67,6 +102,17 @@ class CommandService:
                 result=bindparam("r_result"),
             )
         )
+        # a device only ever acknowledges its own runs
+        self._ack_stmt = (
+            update(CommandRun)
+            .where(
+                CommandRun.id == bindparam("a_id"),
+                CommandRun.device_id == bindparam("a_dev"),
+                _state_in(PENDING),
+            )
+            .values(state="acked")
+        )
+        self._take_stmt = _take_statement() if self._pg else None
 
     async def create(
         self, req: CommandCreate, created_by: str, scope: Scope = None
@@ -284,6 +330,28 @@ class CommandService:
         if not device_ids:
             return {}
         now = utcnow()
+        if self._take_stmt is not None:
+            # PostgreSQL: choose, lock, mark and read back in one statement (one round trip)
+            conn = await s.connection()
+            result = await conn.execute(
+                self._take_stmt, {"t_devs": list(device_ids), "t_lim": limit, "t_now": now}
+            )
+            # RETURNING has no order: oldest first, as the agent is to run them
+            returned = sorted(result.all(), key=lambda r: (r.created_at, r.id))
+            taken: dict[str, list[DeliveredCommand]] = {}
+            for r in returned:
+                if r.state == "sent":
+                    taken.setdefault(r.device_id, []).append(
+                        # straight from the database's typed columns: nothing to validate
+                        DeliveredCommand.model_construct(
+                            run_id=r.id,
+                            kind=r.kind,
+                            payload=r.payload,
+                            not_before=r.not_before,
+                            expires_at=r.expires_at,
+                        )
+                    )
+            return taken
         ranked = (
             select(
                 CommandRun.id,
@@ -367,18 +435,15 @@ class CommandService:
     async def acknowledge_many(
         self, s: AsyncSession, items: Sequence[tuple[str, Sequence[str]]]
     ) -> None:
-        """acknowledge for several devices in one statement (each only its own runs)."""
-        pairs = [(device_id, run_id) for device_id, run_ids in items for run_id in run_ids]
-        if pairs:
-            await s.execute(
-                update(CommandRun)
-                .where(
-                    tuple_(CommandRun.device_id, CommandRun.id).in_(pairs),
-                    CommandRun.state.in_(PENDING),
-                )
-                .values(state="acked")
-                .execution_options(synchronize_session=False)
-            )
+        """acknowledge for several devices in one executemany (each only its own runs)."""
+        params = [
+            {"a_id": run_id, "a_dev": device_id}
+            for device_id, run_ids in items
+            for run_id in dict.fromkeys(run_ids)
+        ]
+        if params:
+            conn = await s.connection()
+            await conn.execute(self._ack_stmt, params)
 
     async def record_results(
         self, s: AsyncSession, device_id: str, results: Sequence[RunResult]
@@ -389,36 +454,23 @@ class CommandService:
     async def record_results_many(
         self, s: AsyncSession, items: Sequence[tuple[str, Sequence[RunResult]]]
     ) -> list[list[str]]:
-        """record_results for several devices with one read; the accepted ids of each."""
-        ids = [r.run_id for _, results in items for r in results]
-        if not ids:
-            return [[] for _ in items]
-        # owner and state of each run, locked: one read, then one executemany UPDATE
-        known = {
-            run_id: [device_id, state]
-            for run_id, device_id, state in (
-                await s.execute(
-                    select(CommandRun.id, CommandRun.device_id, CommandRun.state)
-                    .where(CommandRun.id.in_(ids))
-                    .with_for_update()
-                )
-            ).all()
-        }
+        """record_results for several devices in one executemany; the accepted ids of each.
+
+        Every id is accepted: unknown or foreign ids and runs already closed are dropped,
+        never retried. The UPDATE itself checks owner and state (and locks the row), so the
+        first report of a run closes it and any later one changes nothing.
+        """
         now = utcnow()
+        limit = self.max_output + 200
         out = []
         updates: list[dict[str, Any]] = []
         for device_id, results in items:
-            accepted = []
+            out.append([res.run_id for res in results])
             for res in results:
-                run = known.get(res.run_id)
-                accepted.append(res.run_id)  # unknown or foreign ids are dropped, never retried
-                if run is None or run[0] != device_id or run[1] in TERMINAL:
-                    continue
-                run[1] = res.state  # a second report of the same run in this batch is ignored
-                limit = self.max_output + 200
                 updates.append(
                     {
                         "r_id": res.run_id,
+                        "r_dev": device_id,
                         "r_state": res.state,
                         "r_exit": res.exit_code,
                         "r_stdout": res.stdout[:limit],
@@ -431,7 +483,6 @@ class CommandService:
                         "r_result": res.result,
                     }
                 )
-            out.append(accepted)
         if updates:
             conn = await s.connection()
             await conn.execute(self._result_stmt, updates)
@@ -587,6 +638,69 @@ async def _sha256_file(path: Path) -> str:
         return h.hexdigest()
 
     return await asyncio.to_thread(_hash)
+
+
+def _take_statement() -> Any:
+    """PostgreSQL: hand out up to `t_lim` due runs per device of `t_devs` in one statement.
+
+    The runs are ranked per device (oldest first; future work does not crowd out what is
+    due now), locked with SKIP LOCKED (a concurrent check-in of the same device skips runs
+    this one is handing out), and marked: `sent`, or `expired` when their command has
+    expired. RETURNING gives what the response needs. Parameters: t_devs (an array, so the
+    SQL is the same for every batch size), t_lim, t_now.
+    """
+    now = bindparam("t_now", type_=CommandRun.finished_at.type)
+    ranked = (
+        select(
+            CommandRun.id,
+            func.row_number()
+            .over(
+                partition_by=CommandRun.device_id,
+                order_by=(CommandRun.created_at, CommandRun.id),
+            )
+            .label("rn"),
+        )
+        .join(Command, Command.id == CommandRun.command_id)
+        .where(
+            CommandRun.device_id == any_(bindparam("t_devs", type_=ARRAY(String))),
+            _state_in(PENDING),
+            or_(Command.not_before.is_(None), Command.not_before <= now),
+        )
+        .subquery()
+    )
+    picked = (
+        select(CommandRun.id)
+        .where(
+            CommandRun.id.in_(select(ranked.c.id).where(ranked.c.rn <= bindparam("t_lim"))),
+            _state_in(PENDING),
+        )
+        .with_for_update(skip_locked=True)
+        .cte("picked")
+    )
+    expired = Command.expires_at <= now  # NULL (never expires) is not true
+    return (
+        update(CommandRun)
+        .where(CommandRun.id == picked.c.id, Command.id == CommandRun.command_id)
+        .values(
+            state=case((expired, "expired"), else_="sent"),
+            deliveries=CommandRun.deliveries + case((expired, 0), else_=1),
+            delivered_at=case(
+                (expired, CommandRun.delivered_at),
+                else_=func.coalesce(CommandRun.delivered_at, now),
+            ),
+            finished_at=case((expired, now), else_=CommandRun.finished_at),
+        )
+        .returning(
+            CommandRun.id,
+            CommandRun.device_id,
+            CommandRun.created_at,
+            CommandRun.state,
+            Command.kind,
+            Command.payload,
+            Command.not_before,
+            Command.expires_at,
+        )
+    )
 
 
 async def _insert_runs(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -65,6 +66,12 @@ def create_app(settings: Settings) -> FastAPI:
         await push.start()
         await svc.authenticator.preload(settings.auth_preload_devices)
         await svc.resync_caches()
+        # everything built so far (settings, services, preloaded identities, caches) lives as
+        # long as the process: moved out of the collector's view, full collections stop
+        # re-scanning it (they cost ~130 ms every second under check-in load, the p99 tail)
+        if settings.gc_freeze_at_start:
+            gc.collect()
+            gc.freeze()
         jobs.start()
         try:
             # the lifespan state reaches uvicorn's protocols too: the bare push socket
