@@ -119,6 +119,23 @@ class Deployment:
             await conn.close()
         return int(status.split()[-1])
 
+    async def forget_old_commands(self) -> None:
+        """Empty the command tables of earlier runs, so every run starts from the same state.
+
+        Each B2 run leaves ~50,000 finished runs and as many dead row versions; B2 got
+        slower from run to run on a bloating `command_runs` (a VACUUM put it back).
+        """
+        import asyncpg
+
+        conn = await asyncpg.connect(f"{self.pg_base}/{self.db_name}", timeout=5)
+        try:
+            # no ANALYZE after: statistics of empty tables would make the planner treat them
+            # as empty all run long (autovacuum is off on the bench machine's PostgreSQL);
+            # truncated tables count as never analysed, and estimates follow their real size
+            await conn.execute("TRUNCATE command_runs, commands CASCADE")
+        finally:
+            await conn.close()
+
     def server(
         self,
         *,
@@ -341,4 +358,5 @@ def ensure(dep: Deployment, count: int, mode: str) -> dict[str, Any]:
     closed = asyncio.run(dep.close_open_runs())
     if closed:
         print(f"  cancelled {closed} runs left open by an earlier benchmark", flush=True)
+    asyncio.run(dep.forget_old_commands())
     return info
