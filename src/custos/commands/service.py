@@ -352,25 +352,7 @@ class CommandService:
                         )
                     )
             return taken
-        ranked = (
-            select(
-                CommandRun.id,
-                func.row_number()
-                .over(
-                    partition_by=CommandRun.device_id,
-                    order_by=(CommandRun.created_at, CommandRun.id),
-                )
-                .label("rn"),
-            )
-            .join(Command, Command.id == CommandRun.command_id)
-            .where(
-                CommandRun.device_id.in_(list(device_ids)),
-                CommandRun.state.in_(PENDING),
-                # future work must not crowd out what is due now
-                or_(Command.not_before.is_(None), Command.not_before <= now),
-            )
-            .subquery()
-        )
+        ranked = _ranked_due(CommandRun.device_id.in_(list(device_ids)), now)
         rows = (
             await s.execute(
                 select(
@@ -640,17 +622,12 @@ async def _sha256_file(path: Path) -> str:
     return await asyncio.to_thread(_hash)
 
 
-def _take_statement() -> Any:
-    """PostgreSQL: hand out up to `t_lim` due runs per device of `t_devs` in one statement.
+def _ranked_due(devices: ColumnElement[bool], now: Any) -> Any:
+    """The pending runs of `devices` that are due at `now`, numbered per device oldest first.
 
-    The runs are ranked per device (oldest first; future work does not crowd out what is
-    due now), locked with SKIP LOCKED (a concurrent check-in of the same device skips runs
-    this one is handing out), and marked: `sent`, or `expired` when their command has
-    expired. RETURNING gives what the response needs. Parameters: t_devs (an array, so the
-    SQL is the same for every batch size), t_lim, t_now.
+    Future work (a `not_before` still ahead) is left out so it cannot crowd out what is due.
     """
-    now = bindparam("t_now", type_=CommandRun.finished_at.type)
-    ranked = (
+    return (
         select(
             CommandRun.id,
             func.row_number()
@@ -662,11 +639,26 @@ def _take_statement() -> Any:
         )
         .join(Command, Command.id == CommandRun.command_id)
         .where(
-            CommandRun.device_id == any_(bindparam("t_devs", type_=ARRAY(String))),
+            devices,
             _state_in(PENDING),
             or_(Command.not_before.is_(None), Command.not_before <= now),
         )
         .subquery()
+    )
+
+
+def _take_statement() -> Any:
+    """PostgreSQL: hand out up to `t_lim` due runs per device of `t_devs` in one statement.
+
+    The runs are ranked per device (oldest first; future work does not crowd out what is
+    due now), locked with SKIP LOCKED (a concurrent check-in of the same device skips runs
+    this one is handing out), and marked: `sent`, or `expired` when their command has
+    expired. RETURNING gives what the response needs. Parameters: t_devs (an array, so the
+    SQL is the same for every batch size), t_lim, t_now.
+    """
+    now = bindparam("t_now", type_=CommandRun.finished_at.type)
+    ranked = _ranked_due(
+        CommandRun.device_id == any_(bindparam("t_devs", type_=ARRAY(String))), now
     )
     picked = (
         select(CommandRun.id)
