@@ -17,7 +17,8 @@ from sqlalchemy import case, func, select
 from custos.commands.models import Command, CommandRun
 from custos.db.base import utcnow
 from custos.db.engine import Database
-from custos.devices.models import Device, device_groups
+from custos.devices.models import Device
+from custos.devices.scope import in_scope
 
 UNKNOWN = "(unknown)"
 
@@ -40,10 +41,7 @@ class FleetSummary:
 
 
 def _scoped(stmt: Any, scope: Collection[int] | None) -> Any:
-    if scope is None:
-        return stmt
-    members = select(device_groups.c.device_id).where(device_groups.c.group_id.in_(list(scope)))
-    return stmt.where(Device.id.in_(members))
+    return stmt if scope is None else stmt.where(in_scope(Device.id, frozenset(scope)))
 
 
 async def fleet_summary(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, true, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -38,6 +38,7 @@ from custos.devices.schemas import (
     TokenCreated,
     TokenOut,
 )
+from custos.devices.scope import Scope, in_scope
 from custos.errors import Conflict, Forbidden, Invalid, NotFound
 from custos.push.hub import PushHub
 from custos.reports.service import sync_installed_software
@@ -203,20 +204,6 @@ class EnrollmentService:
             ca_certificate=self.ca.cert_pem,
             checkin_interval=self.checkin_interval,
         )
-
-
-# the device groups a caller is limited to (custos.accounts.service.Principal.device_scope);
-# None means every device
-Scope = frozenset[int] | None
-
-
-def in_scope(device_id: Any, scope: Scope) -> Any:
-    """A WHERE clause keeping devices in one of the scope's groups (TRUE for no scope)."""
-    if scope is None:
-        return true()
-    return device_id.in_(
-        select(device_groups.c.device_id).where(device_groups.c.group_id.in_(sorted(scope)))
-    )
 
 
 async def resolve_device(s: AsyncSession, ref: str, scope: Scope = None) -> Device:

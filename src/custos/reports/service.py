@@ -22,12 +22,10 @@ from sqlalchemy import (
     bindparam,
     delete,
     exists,
-    false,
     func,
     literal_column,
     or_,
     select,
-    true,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -36,6 +34,7 @@ from custos.commands.models import Command, CommandRun
 from custos.db.base import utcnow
 from custos.db.engine import Database
 from custos.devices.models import Device, Group, device_groups
+from custos.devices.scope import in_scope
 from custos.errors import Invalid
 from custos.reports.models import (
     MAX_NAME_LEN,
@@ -253,13 +252,7 @@ class ReportService:
 
     @staticmethod
     def _in_scope(device_id: Any, scope: Scope) -> ColumnElement[bool]:
-        if scope is None:
-            return true()
-        if not scope:
-            return false()
-        return exists().where(
-            device_groups.c.device_id == device_id, device_groups.c.group_id.in_(sorted(scope))
-        )
+        return in_scope(device_id, scope)
 
     @staticmethod
     def _active(device_id: Any) -> ColumnElement[bool]:
