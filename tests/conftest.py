@@ -71,6 +71,10 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         shutil.copy(tpl, target)
         yield f"sqlite+aiosqlite:///{target}"
         return
+    yield from _fresh_pg(request)
+
+
+def _fresh_pg(request: pytest.FixtureRequest) -> Iterator[str]:
     tpl_name: str = request.getfixturevalue("pg_template")
     name = f"custos_t_{uuid.uuid4().hex[:10]}"
     asyncio.run(_pg_exec(f'CREATE DATABASE "{name}" TEMPLATE "{tpl_name}"'))
@@ -78,6 +82,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield pg_url(name)
     finally:
         asyncio.run(_pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def pg_db_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database, for what only PostgreSQL does (SKIP LOCKED)."""
+    yield from _fresh_pg(request)
 
 
 @pytest.fixture

@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     software_tick_s: float = Field(
         default=2.0, gt=0, le=3600, description="how often rollouts advance and send waves"
     )
+    policy_tick_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="how often policy bundles, compliance, actions and lost devices are checked",
+    )
     software_limit_bps: int | None = Field(
         default=None,
         ge=1024,

@@ -21,6 +21,11 @@ PERMISSIONS: dict[str, str] = {
     "tasks.view": "see scheduled tasks and their runs",
     "tasks.manage": "create, enable, disable and delete scheduled tasks",
     "reports.view": "run reports and export them",
+    "policies.view": "see policies, their assignments and device compliance",
+    "policies.manage": "add, change, assign and remove policies",
+    "devices.lock": "mark devices lost or found and lock them",
+    "devices.wipe": "wipe devices (selective or full), including auto-wipe of lost devices",
+    "webhooks.manage": "add, change and remove outbound webhooks; read their delivery log",
     "audit.view": "read, export and verify the audit log",
     "users.manage": "manage users, roles, grants and other users' API tokens",
 }
@@ -33,6 +38,8 @@ SCOPABLE: frozenset[str] = frozenset(
         "commands.view",
         "commands.run",
         "reports.view",
+        "devices.lock",
+        "devices.wipe",
     }
 )
 
@@ -40,18 +47,27 @@ _VIEW = frozenset(p for p in PERMISSIONS if p.endswith(".view"))
 
 BUILTIN_ROLES: dict[str, frozenset[str]] = {
     "admin": frozenset(PERMISSIONS),
-    "operator": frozenset(PERMISSIONS) - {"users.manage", "audit.view"},
+    # wiping destroys data: admins only, or a custom role that names it
+    "operator": frozenset(PERMISSIONS) - {"users.manage", "audit.view", "devices.wipe"},
     # first-line support: looks at devices and runs commands on them, changes nothing else
     "helpdesk": frozenset(
-        {"devices.view", "commands.view", "commands.run", "software.view", "reports.view"}
+        {
+            "devices.view",
+            "commands.view",
+            "commands.run",
+            "software.view",
+            "reports.view",
+            "policies.view",
+            "devices.lock",
+        }
     ),
     "auditor": _VIEW,
 }
 
 BUILTIN_DESCRIPTIONS: dict[str, str] = {
     "admin": "everything, including users, roles and the audit log",
-    "operator": "day-to-day device, software and task work; no users or audit log",
-    "helpdesk": "look at devices and run commands on them",
+    "operator": "day-to-day device, software, policy and task work; no users, audit log or wipe",
+    "helpdesk": "look at devices, run commands on them, lock lost ones",
     "auditor": "read-only access to everything, including the audit log",
 }
 

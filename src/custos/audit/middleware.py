@@ -105,6 +105,20 @@ ACTIONS: dict[str, Action] = {
     "software.change_deployment": Action(
         "deployment.change", "deployment:{ref}", verbs=_DEPLOYMENT_VERBS
     ),
+    # webhooks
+    "webhooks.create_webhook": Action("webhook.create", created="webhook", keys=("name",)),
+    "webhooks.delete_webhook": Action("webhook.delete", "webhook:{name}"),
+    "webhooks.test_webhook": Action("webhook.test", "webhook:{name}"),
+    "webhooks.redeliver": Action("webhook.redeliver", "webhook_delivery:{delivery_id}"),
+    # policies, lost devices, lock and wipe
+    "policies.add_policy": Action("policy.add", created="policy", keys=("name",)),
+    "policies.remove_policy": Action("policy.delete", "policy:{ref}"),
+    "policies.assign_policy": Action("policy.assign", "policy:{ref}"),
+    "policies.unassign_policy": Action("policy.unassign", "policy:{ref}"),
+    "policies.mark_lost": Action("device.lost", "device:{ref}"),
+    "policies.mark_found": Action("device.found", "device:{ref}"),
+    "policies.lock_device": Action("device.lock", "device:{ref}"),
+    "policies.wipe_device": Action("device.wipe", "device:{ref}"),
     # the web console's form posts: the same actions as the API's
     "console.login": Action("auth.login"),
     "console.logout": Action("auth.logout"),
@@ -132,6 +146,14 @@ ACTIONS: dict[str, Action] = {
     "console.reset_totp": Action("user.reset_totp", "user:{username}"),
     "console.create_role": Action("role.create"),
     "console.delete_role": Action("role.delete", "role:{name}"),
+    "console.add_policy": Action("policy.add"),
+    "console.assign_policy": Action("policy.assign", "policy:{ref}"),
+    "console.unassign_policy": Action("policy.unassign", "policy:{ref}"),
+    "console.remove_policy": Action("policy.delete", "policy:{ref}"),
+    "console.device_lost": Action("device.lost", "device:{device_id}"),
+    "console.device_found": Action("device.found", "device:{device_id}"),
+    "console.device_lock": Action("device.lock", "device:{device_id}"),
+    "console.device_wipe": Action("device.wipe", "device:{device_id}"),
 }
 
 

@@ -1044,6 +1044,9 @@ def register(app: typer.Typer) -> None:
     device.command("ls")(device_ls)
     device.command("show")(device_show)
     device.command("retire")(device_retire)
+    from custos.cli.policy_cmds import register_device_verbs
+
+    register_device_verbs(device)
     app.add_typer(device, name="device")
 
     group = typer.Typer(help="Device groups.", no_args_is_help=True)

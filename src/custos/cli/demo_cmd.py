@@ -388,6 +388,23 @@ def _detail(resp: httpx.Response) -> str:
         return resp.text[:200]
 
 
+DEMO_POLICY = """\
+name: demo-baseline
+description: A sample profile for the simulated fleet (simulated agents report on it).
+interval: 15m
+software:
+  forbidden: [{name: telnet}]
+files:
+  - {path: /etc/motd, content: "This device is managed by Custos.\\n", mode: "0644"}
+settings:
+  - {provider: sysctl, key: net.ipv4.ip_forward, value: "0"}
+services:
+  - {name: ufw, provider: systemd, category: firewall}
+actions:
+  - {after: 1h, do: notify}
+"""
+
+
 async def _prepare_server(
     http: httpx.AsyncClient, password: str, state: dict[str, Any], data_dir: Path
 ) -> str:
@@ -411,6 +428,16 @@ async def _prepare_server(
     )
     if r.status_code not in (201, 409):
         raise _DemoError(f"cannot create the demo group: {_detail(r)}")
+    # a sample policy on the demo group, so the compliance pages have something to show
+    r = await _api(http, "POST", "/api/v1/policies", api_token, {"document": DEMO_POLICY})
+    if r.status_code in (200, 201):
+        await _api(
+            http,
+            "POST",
+            "/api/v1/policies/demo-baseline/assignments",
+            api_token,
+            {"kind": "group", "target": DEMO_GROUP},
+        )
     secret = state.get("enroll_token")
     if secret:
         r = await _api(http, "GET", "/api/v1/enrollment-tokens", api_token)

@@ -14,11 +14,13 @@ def build_app() -> typer.Typer:
         agent_cmd,
         audit_cmds,
         demo_cmd,
+        policy_cmds,
         report_cmds,
         server_cmd,
         software_cmds,
         task_cmds,
         user_cmds,
+        webhook_cmds,
     )
 
     app = typer.Typer(
@@ -40,6 +42,8 @@ def build_app() -> typer.Typer:
     audit_cmds.register(app)
     user_cmds.register(app)
     report_cmds.register(app)
+    policy_cmds.register(app)
+    webhook_cmds.register(app)
     agent_cmd.register(app)
     demo_cmd.register(app)
     return app

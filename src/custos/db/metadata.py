@@ -12,8 +12,10 @@ def load_metadata() -> MetaData:
     from custos.commands import models as _commands  # noqa: F401
     from custos.db.base import Base
     from custos.devices import models as _devices  # noqa: F401
+    from custos.policies import models as _policies  # noqa: F401
     from custos.reports import models as _reports  # noqa: F401
     from custos.software import models as _software  # noqa: F401
     from custos.tasks import models as _tasks  # noqa: F401
+    from custos.webhooks import models as _webhooks  # noqa: F401
 
     return Base.metadata

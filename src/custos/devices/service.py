@@ -14,7 +14,7 @@ from sqlalchemy.orm import selectinload
 
 from custos.commands.models import CommandRun
 from custos.db.base import new_id, utcnow
-from custos.db.engine import Database
+from custos.db.engine import Database, UnitOfWork
 from custos.devices.ca import CertificateAuthority, CsrError, sha256_hex
 from custos.devices.identity import DeviceAuthenticator
 from custos.devices.models import (
@@ -42,6 +42,7 @@ from custos.devices.scope import Scope, in_scope
 from custos.errors import Conflict, Forbidden, Invalid, NotFound
 from custos.push.hub import PushHub
 from custos.reports.service import sync_installed_software
+from custos.webhooks.service import emit as emit_webhook
 
 ENROLL_TOKEN_PREFIX = "cet_"  # noqa: S105 - a marker, not a secret
 
@@ -198,6 +199,17 @@ class EnrollmentService:
                 await s.execute(
                     device_groups.insert().values(device_id=device_id, group_id=tok.group_id)
                 )
+            await emit_webhook(
+                s,
+                "device.enrolled",
+                {
+                    "device_id": device_id,
+                    "name": name,
+                    "enrolled_at": now,
+                    "agent_version": req.agent_version,
+                    "enrollment_token_id": tok.id,
+                },
+            )
         return EnrollResponse(
             device_id=device_id,
             certificate=issued.pem,
@@ -265,6 +277,25 @@ def _device_out(d: Device) -> dict[str, Any]:
         "agent_version": d.agent_version,
         "groups": sorted(g.name for g in d.groups),
     }
+
+
+async def retire_in(uow: UnitOfWork, d: Device, push: PushHub, reason: str = "retired") -> None:
+    """Retire a device inside the caller's transaction: revoke its certificate, drop its work."""
+    d.status = "retired"
+    d.retired_at = utcnow()
+    uow.session.add(RevokedCertificate(serial=d.cert_serial, device_id=d.id, reason=reason))
+    # queued work for a retired device will never run
+    await uow.session.execute(
+        update(CommandRun)
+        .where(
+            CommandRun.device_id == d.id,
+            CommandRun.state.in_(("queued", "sent", "acked")),
+        )
+        .values(state="cancelled", finished_at=utcnow())
+    )
+    retired = [d.id]
+    # every process drops its cached status and refuses the device from now on
+    uow.after_commit(lambda: push.announce("status", retired))
 
 
 class DeviceService:
@@ -344,21 +375,7 @@ class DeviceService:
         async with self.db.transaction() as uow:
             d = await resolve_device(uow.session, ref, scope)
             if d.status != "retired":
-                d.status = "retired"
-                d.retired_at = utcnow()
-                uow.session.add(RevokedCertificate(serial=d.cert_serial, device_id=d.id))
-                # queued work for a retired device will never run
-                await uow.session.execute(
-                    update(CommandRun)
-                    .where(
-                        CommandRun.device_id == d.id,
-                        CommandRun.state.in_(("queued", "sent", "acked")),
-                    )
-                    .values(state="cancelled", finished_at=utcnow())
-                )
-                retired = [d.id]
-                # every process drops its cached status and refuses the device from now on
-                uow.after_commit(lambda: self.push.announce("status", retired))
+                await retire_in(uow, d, self.push)
             device_id = d.id
         return await self.show(device_id)
 

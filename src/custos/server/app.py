@@ -20,6 +20,7 @@ from custos.commands import routes as command_routes
 from custos.console import routes as console_routes
 from custos.db.engine import Database
 from custos.devices import routes as device_routes
+from custos.policies import routes as policy_routes
 from custos.push import routes as push_routes
 from custos.push.hub import build_push
 from custos.reports import routes as report_routes
@@ -31,6 +32,7 @@ from custos.server.jobs import JobRunner
 from custos.settings import Settings
 from custos.software import routes as software_routes
 from custos.tasks import routes as task_routes
+from custos.webhooks import routes as webhook_routes
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ def create_app(settings: Settings) -> FastAPI:
         if svc.accounts.directory is not None:
             jobs.every(settings.ldap_sync_interval_s, "directory-sync", svc.accounts.sync_directory)
         jobs.every(60, "refresh-report-summary", svc.reports.tick)
+        jobs.every(settings.policy_tick_s, "policies", svc.policies.tick)
+        jobs.every(2, "deliver-webhooks", svc.webhooks.deliver_due)
         online_within = max(3 * settings.checkin_interval_s, 120)
         jobs.every(
             min(60, settings.fleet_snapshot_s),
@@ -136,6 +140,9 @@ def create_app(settings: Settings) -> FastAPI:
         push_routes.device_router,
         report_routes.router,
         audit_routes.router,
+        webhook_routes.router,
+        policy_routes.admin_router,
+        policy_routes.device_router,
     ):
         app.include_router(r)
     # the web console: its pages, /console/static and `/` redirecting to it

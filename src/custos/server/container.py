@@ -17,6 +17,7 @@ from custos.devices.ca import CertificateAuthority
 from custos.devices.checkin import DeviceCheckin
 from custos.devices.identity import DeviceAuthenticator
 from custos.devices.service import DeviceService, EnrollmentService
+from custos.policies.service import PolicyService
 from custos.push.hub import Event, PushHub
 from custos.push.wire import PushSockets
 from custos.reports.service import ReportService
@@ -25,6 +26,7 @@ from custos.software.service import SoftwareService
 from custos.software.store import LocalArtifactStore
 from custos.software.transfer import TransferPlanner
 from custos.tasks.service import TaskService
+from custos.webhooks.service import WebhookService
 
 log = logging.getLogger(__name__)
 _background_tasks: set[asyncio.Task[object]] = set()
@@ -77,6 +79,8 @@ class Services:
     push_sockets: PushSockets
     reports: ReportService
     audit: AuditService
+    policies: PolicyService
+    webhooks: WebhookService
 
     @classmethod
     def build(
@@ -143,6 +147,10 @@ class Services:
             push_sockets=PushSockets(PUSH_PING_INTERVAL_S),
             reports=ReportService(db),
             audit=AuditService(db),
+            policies=PolicyService(
+                db, commands, push, default_limit_bps=settings.software_limit_bps
+            ),
+            webhooks=WebhookService(db, ca.derive_secret("webhook-secrets")),
         )
 
     async def resync_caches(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import heapq
 import itertools
 import logging
@@ -192,6 +193,8 @@ class SimDevice:
         "ok",
         "pending_remove",
         "pending_set",
+        "policy_report",
+        "policy_seq",
         "push_up",
         "refused",
         "results",
@@ -225,6 +228,8 @@ class SimDevice:
         self.sched = 0  # the heap entry that is current (>0), or queued now (-1)
         self.session: tuple[str, bytes, float] | None = None  # token, key, monotonic expiry
         self.woken = False  # the next check-in was triggered by a push nudge
+        self.policy_report: dict[str, Any] | None = None  # to send after the check-in
+        self.policy_seq = 0
 
     @property
     def enrolled(self) -> bool:
@@ -740,9 +745,30 @@ class SimFleet:
             self._absorb(dev, payload, resp)
             if self.observer is not None:
                 self.observer(dev, payload, resp, took)
+            if dev.policy_report is not None:
+                await self._send_policy_report(dev)
             if not (dev.results or dev.acks or dev.inventory_version <= 0):
                 break
         return self._interval_of(dev) * self._rng.uniform(0.9, 1.1)
+
+    async def _send_policy_report(self, dev: SimDevice) -> None:
+        """The simulated evaluation of a policy bundle; kept for the next cycle on failure."""
+        assert self._http is not None and dev.policy_report is not None
+        body = orjson.dumps(dev.policy_report)
+        path = protocol.DEVICE_API + "/policy/report"
+        try:
+            headers = await self.auth_headers(dev, "POST", path, body)
+            headers["content-type"] = "application/json"
+            resp = await self._http.post(
+                self._checkin_url.replace("/checkin", "/policy/report"),
+                content=body,
+                headers=headers,
+            )
+        except (httpx.HTTPError, _Transient, _Refused) as exc:
+            self._error(f"{dev.hostname}: policy report: {exc}")
+            return
+        if resp.status_code < 500:
+            dev.policy_report = None  # stored, or refused for good: never re-sent as it was
 
     def _payload(self, dev: SimDevice) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -996,7 +1022,56 @@ def _simulate(
         return {"result": {"reboot": "simulated", "argv": []}}
     if kind == "collect_file":
         return {"state": "failed", "error": NO_FILE_SYSTEM}
+    if kind == "policy":
+        dev.policy_seq += 1
+        dev.policy_report = simulated_policy_report(dev, payload, dev.policy_seq)
+        return {"result": {"bundle_sha": payload.get("bundle_sha"), "applied": True}}
+    if kind in ("lock", "unlock"):
+        return {"result": {"locked": kind == "lock", "method": "simulated", "accounts": {}}}
+    if kind == "wipe":
+        paths = [str(x) for x in payload.get("paths") or ()]
+        return {
+            "result": {
+                "mode": payload.get("mode"),
+                "dry_run": bool(payload.get("dry_run")),
+                "removed": paths,
+                "missing": [],
+                "failed": [],
+                "applications": [],
+                "simulated": True,
+            }
+        }
     return {"state": "rejected", "error": f"this agent does not know the command kind {kind!r}"}
+
+
+def simulated_policy_report(dev: SimDevice, bundle: Mapping[str, Any], seq: int) -> dict[str, Any]:
+    """A plausible evaluation: most rules hold, a few drifted and were repaired, and about
+    one device in twelve has a rule it could not fix (the same device and rule every time)."""
+    rules, events = [], []
+    now = _iso()
+    for rule in bundle.get("rules") or ():
+        rid = str(rule.get("id"))
+        h = int.from_bytes(hashlib.blake2b(f"{dev.seed}:{rid}".encode(), digest_size=4).digest())
+        if h % 97 < 8 and rule.get("type") in ("service", "file", "setting", "software_required"):
+            rules.append(
+                {"id": rid, "status": "noncompliant", "detail": "simulated: drift remains"}
+            )
+            events.append(
+                {"rule_id": rid, "kind": "repair_failed", "detail": "simulated", "at": now}
+            )
+        elif h % 97 < 20:
+            rules.append({"id": rid, "status": "repaired", "detail": "simulated: drift repaired"})
+            events.append({"rule_id": rid, "kind": "drift", "detail": "simulated", "at": now})
+            events.append({"rule_id": rid, "kind": "repaired", "detail": "simulated", "at": now})
+        else:
+            rules.append({"id": rid, "status": "compliant", "detail": ""})
+    return {
+        "seq": seq,
+        "bundle_sha": str(bundle.get("bundle_sha") or ""),
+        "evaluated_at": now,
+        "rules": rules,
+        "events": events,
+    }
 
 
 def _ok(stdout: str, result: dict[str, Any]) -> dict[str, Any]:

@@ -202,7 +202,8 @@ class DeploymentDetail(DeploymentOut):
 class StatusReport(Strict):
     """A device reporting progress on one deployment (cleaned, never refused for its text)."""
 
-    deployment_id: str = Field(min_length=1, max_length=32)
+    # a deployment's id, or `policy:…` for an install a policy's self-healing started
+    deployment_id: str = Field(min_length=1, max_length=200)
     package_id: str = Field(min_length=1, max_length=32)
     state: Literal[
         "downloading", "downloaded", "installing", "installed", "removing", "removed", "failed"

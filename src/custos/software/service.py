@@ -29,6 +29,7 @@ from custos.devices.service import resolve_device
 from custos.errors import Conflict, Invalid, NotFound
 from custos.packaging.inspect import PackageInfo, inspect_package
 from custos.packaging.manifest import PackageError, compare_versions
+from custos.policies.models import DevicePolicy, PolicyPackage
 from custos.software import labels as label_query
 from custos.software.models import Deployment, DeploymentDevice, Label, Package
 from custos.software.schemas import (
@@ -44,6 +45,7 @@ from custos.software.schemas import (
 )
 from custos.software.store import ArtifactStore
 from custos.software.transfer import TransferPlanner
+from custos.webhooks.service import emit as emit_webhook
 
 log = logging.getLogger(__name__)
 
@@ -673,6 +675,10 @@ class SoftwareService:
                         DeploymentDevice.deployment_id == dep.id,
                         DeploymentDevice.state == "pending",
                         DeploymentDevice.wave <= dep.current_wave,
+                        # held back by a policy action until the device complies again
+                        DeploymentDevice.device_id.not_in(
+                            select(DevicePolicy.device_id).where(DevicePolicy.held.is_(True))
+                        ),
                     )
                 )
             ).all()
@@ -762,6 +768,10 @@ class SoftwareService:
 
     async def report(self, device_id: str, rep: StatusReport) -> None:
         """A device's progress on one deployment; late reports never move a row backwards."""
+        if rep.deployment_id.startswith("policy:"):
+            # an install a policy's self-healing started: the policy report tells the outcome
+            log.info("software: %s: policy install %s: %s", device_id, rep.state, rep.detail[:200])
+            return
         async with self.db.transaction() as uow:
             s = uow.session
             row = await s.get(DeploymentDevice, (rep.deployment_id, device_id))
@@ -771,12 +781,27 @@ class SoftwareService:
                 return
             if row.package_id is not None and row.package_id != rep.package_id:
                 return  # about a version the deployment has moved on from
+            newly_failed = rep.state == "failed" and row.state != "failed"
             row.state = rep.state
             row.progress = 100 if rep.state in ("installed", "removed") else rep.progress
             row.detail = rep.detail
             if rep.log:
                 row.log = rep.log
             row.updated_at = utcnow()
+            if newly_failed:
+                dep = await s.get(Deployment, rep.deployment_id)
+                await emit_webhook(
+                    s,
+                    "deployment.failed",
+                    {
+                        "deployment_id": rep.deployment_id,
+                        "deployment": dep.name if dep else None,
+                        "package_id": rep.package_id,
+                        "package": dep.package_name if dep else None,
+                        "device_id": device_id,
+                        "detail": rep.detail,
+                    },
+                )
 
     async def catalog(self, device_id: str) -> list[dict[str, Any]]:
         """Packages offered to this device (available deployments that target it)."""
@@ -867,10 +892,14 @@ class SoftwareService:
                 DeploymentDevice.package_id == package_id,
             )
             .limit(1)
+        ) or await s.scalar(
+            select(PolicyPackage.package_id).where(
+                PolicyPackage.device_id == device_id, PolicyPackage.package_id == package_id
+            )
         )
         pkg = await s.get(Package, package_id) if ok else None
         if pkg is None:
-            raise NotFound("no deployment gives this device that package")
+            raise NotFound("no deployment or policy gives this device that package")
         return pkg
 
     async def check_plan_access(self, device_id: str, target_sha256: str) -> None:
@@ -880,6 +909,11 @@ class SoftwareService:
                 select(DeploymentDevice.deployment_id)
                 .join(Package, Package.id == DeploymentDevice.package_id)
                 .where(DeploymentDevice.device_id == device_id, Package.sha256 == target_sha256)
+                .limit(1)
+            ) or await s.scalar(
+                select(PolicyPackage.package_id)
+                .join(Package, Package.id == PolicyPackage.package_id)
+                .where(PolicyPackage.device_id == device_id, Package.sha256 == target_sha256)
                 .limit(1)
             )
         if not ok:

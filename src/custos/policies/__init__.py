@@ -1,0 +1,1 @@
+"""Policies: profiles (desired state), assignment, compliance, lost-device lock and wipe."""

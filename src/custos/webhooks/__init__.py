@@ -1,0 +1,1 @@
+"""Signed outbound webhooks: subscriptions, a delivery log, and the job that sends them."""
