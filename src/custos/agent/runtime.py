@@ -21,6 +21,7 @@ from custos.agent.client import DeviceClient, RequestRejected, ServerError, Serv
 from custos.agent.executor import run_process, script_argv
 from custos.agent.identity import Identity
 from custos.agent.inventory import collect_inventory, inventory_delta
+from custos.agent.policy import PolicyEngine, lockwipe
 from custos.agent.software import SoftwareManager, SoftwareStore
 from custos.agent.state import AgentState, QueuedCommand
 from custos.agent.tasks import TaskScheduler, TaskStore
@@ -63,6 +64,7 @@ class AgentRuntime:
         max_output: int = 1024 * 1024,
         push: bool = False,
         mqtt_ca_pem: str | None = None,
+        root: Path | None = None,
     ) -> None:
         self.state = state
         self.identity = identity
@@ -101,11 +103,24 @@ class AgentRuntime:
             server_now=self.server_now,
             on_change=self._software_changed,
         )
+        # policies evaluate offline; only their reports (and reinstalls) need the server
+        self.policy = PolicyEngine(
+            state,
+            root=root or Path(os.environ.get("CUSTOS_AGENT_ROOT") or "/"),
+            software=self.software,
+            send=self._send_policy_report,
+            server_now=self.server_now,
+            clock_offset=lambda: self.client.clock_offset,
+        )
+
+    async def _send_policy_report(self, body: bytes) -> Any:
+        return await self.client.request("POST", protocol.DEVICE_API + "/policy/report", body=body)
 
     def _software_changed(self) -> None:
         """Something was installed or removed: send the inventory at the next check-in, now."""
         self._inventory_due = 0.0
         self._wake.set()
+        self.policy.software_changed()  # a required package may now be there: look again
 
     # --- settings ---
 
@@ -141,6 +156,8 @@ class AgentRuntime:
 
     async def checkin(self) -> int:
         """One check-in; returns the number of new commands received."""
+        if lockwipe.is_wiped(self.state):
+            raise DeviceWiped("this device was wiped")
         results = self.state.outbox(self._result_batch)
         acks = self.state.unacked()
         inv, snapshot = await self._inventory_part()
@@ -168,7 +185,14 @@ class AgentRuntime:
         if self.push_channel is not None:
             # the server names where to listen for nudges (absent: its WebSocket)
             self.push_channel.configure(resp.get("push"))
-        self.state.sent(list(resp.get("accepted_results", [])))
+        accepted = list(resp.get("accepted_results", []))
+        self.state.sent(accepted)
+        pending_wipe = self.state.get(lockwipe.PENDING_WIPE)
+        if pending_wipe and pending_wipe in accepted:
+            # the server has the wipe's result: now the device forgets who it was
+            lockwipe.erase_secrets(self.state)
+            self.client._session = None
+            raise DeviceWiped("this device was wiped")
         self._task_batch = 100
         if task_results:
             self.tasks.store.sent(list(resp.get("accepted_task_results") or []))
@@ -349,10 +373,30 @@ class AgentRuntime:
             return self.tasks.handle(cmd.kind, p)
         if cmd.kind == "software":
             return self.software.handle(p)
+        if cmd.kind == "policy":
+            return self.policy.handle(p)
+        if cmd.kind in ("lock", "unlock", "wipe"):
+            return await self._lock_or_wipe(cmd)
         return {
             "state": "rejected",
             "error": f"this agent does not know the command kind {cmd.kind!r}",
         }
+
+    async def _lock_or_wipe(self, cmd: QueuedCommand) -> dict[str, Any]:
+        bundle = self.policy.store.bundle() or {}
+        sandbox = self.policy.sandbox
+        if cmd.kind == "wipe":
+            return await lockwipe.wipe(
+                cmd.payload,
+                run_id=cmd.run_id,
+                state=self.state,
+                sandbox=sandbox,
+                managed_data=[str(p) for p in bundle.get("managed_data") or []],
+                software=self.software.store,
+            )
+        accounts = [str(a) for a in bundle.get("managed_accounts") or []]
+        handler = lockwipe.lock if cmd.kind == "lock" else lockwipe.unlock
+        return await handler(cmd.payload, sandbox=sandbox, managed_accounts=accounts)
 
     def _process_result(self, res: Any) -> dict[str, Any]:
         if res.error:
@@ -460,6 +504,7 @@ class AgentRuntime:
         await self.checkin()
         ran = await self.run_due()
         await self.tasks.run_pending()
+        await self.policy.run_once()
         if ran or self._more_to_send():
             await self.checkin()
 
@@ -476,6 +521,7 @@ class AgentRuntime:
             worker,
             asyncio.create_task(self.tasks.run_forever(stop), name="tasks"),
             asyncio.create_task(self.software.run_forever(stop), name="software"),
+            asyncio.create_task(self.policy.run_forever(stop), name="policy"),
         ]
         if self.push:
             from custos.agent.push import PushChannel
@@ -508,7 +554,7 @@ class AgentRuntime:
                     else:
                         immediate = 0
                         delay = self.interval * random.uniform(0.9, 1.1)  # noqa: S311 - jitter
-                except ServerRefused:
+                except (ServerRefused, DeviceWiped):
                     raise
                 except (ServerError, RequestRejected) as exc:
                     failures += 1
@@ -543,6 +589,10 @@ class AgentRuntime:
             self._work.clear()
             if await self.run_due():
                 self._wake.set()  # report results now, not at the next interval
+
+
+class DeviceWiped(Exception):
+    """A wipe's result reached the server and the key is erased: the agent must stop."""
 
 
 class _CollectError(Exception):

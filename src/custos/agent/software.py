@@ -110,6 +110,24 @@ class SoftwareStore:
         ).fetchall()
         return [(r[0], json.loads(r[1])) for r in rows]
 
+    def job_state(self, deployment_id: str) -> str | None:
+        """A job's state (new | downloaded | done), None if there is no such job."""
+        row = self.db.execute(
+            "SELECT state FROM software_jobs WHERE deployment_id = ?", (deployment_id,)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def install_payload(self, package_id: str) -> dict[str, Any] | None:
+        """The signed payload of the newest install job for a package (to remove it later)."""
+        for (raw,) in self.db.execute(
+            "SELECT payload FROM software_jobs WHERE package_id = ? ORDER BY updated DESC",
+            (package_id,),
+        ):
+            payload: dict[str, Any] = json.loads(raw)
+            if payload.get("action", "install") == "install":
+                return payload
+        return None
+
     def installed(self, name: str) -> dict[str, Any] | None:
         """What this agent installed under that name."""
         row = self.db.execute(

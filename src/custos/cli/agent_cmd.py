@@ -103,16 +103,30 @@ def register(app: typer.Typer) -> None:
             envvar="CUSTOS_AGENT_MQTT_CA",
             help="CA (PEM) of the MQTT broker, when the server names one; default: the Custos CA",
         ),
+        root: Path = typer.Option(
+            Path("/"),
+            "--root",
+            envvar="CUSTOS_AGENT_ROOT",
+            help="directory that policy paths (files, settings, wipes) are resolved under",
+        ),
     ) -> None:
         """Check in, run commands, report inventory; until stopped (SIGTERM/SIGINT)."""
         from custos.agent.client import ServerRefused
         from custos.agent.identity import EnrollError, load_identity
-        from custos.agent.runtime import AgentRuntime
+        from custos.agent.policy.lockwipe import is_wiped
+        from custos.agent.runtime import AgentRuntime, DeviceWiped
         from custos.agent.state import AgentState
 
         sd = state_dir or default_state_dir()
         _setup_logging(sd, verbose)
+        if not root.is_dir():
+            err.print(f"[red]error:[/] --root {root} is not a directory")
+            raise typer.Exit(2)
         state = AgentState(sd)
+        if is_wiped(state):
+            state.close()
+            err.print("[red]error:[/] this device was wiped")
+            raise typer.Exit(5)
         try:
             ident = load_identity(state)
         except EnrollError as exc:
@@ -131,6 +145,7 @@ def register(app: typer.Typer) -> None:
             reboot_argv=json.loads(reboot) if reboot else None,
             push=push and not once,
             mqtt_ca_pem=mqtt_ca_pem,
+            root=root,
         )
 
         async def main() -> None:
@@ -152,6 +167,9 @@ def register(app: typer.Typer) -> None:
             logging.getLogger("custos.agent").error("the server refused this device: %s", exc)
             err.print(f"[red]error:[/] the server refused this device: {exc.detail}")
             raise typer.Exit(3) from None
+        except DeviceWiped:
+            err.print("[red]error:[/] this device was wiped")
+            raise typer.Exit(5) from None
         except Exception as exc:
             if once:
                 err.print(f"[red]error:[/] check-in failed: {exc}")
@@ -263,6 +281,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Show this agent's identity, last check-in, queue and outbox."""
+        from custos.agent.policy.store import PolicyStore
         from custos.agent.state import AgentState
         from custos.agent.tasks import TaskStore
 
@@ -283,6 +302,7 @@ def register(app: typer.Typer) -> None:
                 "clock_offset_s": state.get("clock_offset"),
                 **state.counts(),
                 **TaskStore(state._db).counts(),  # scheduled tasks held, results waiting
+                **PolicyStore(state._db).summary(),  # bundle sha, last evaluation, drift
             }
         finally:
             state.close()
