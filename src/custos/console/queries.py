@@ -19,6 +19,7 @@ from custos.db.base import utcnow
 from custos.db.engine import Database
 from custos.devices.models import Device
 from custos.devices.scope import in_scope
+from custos.policies.models import DevicePolicy
 
 UNKNOWN = "(unknown)"
 
@@ -187,3 +188,37 @@ async def device_runs(db: Database, device_id: str, *, limit: int = 20) -> list[
         )
         for r, c in rows
     ]
+
+
+@dataclass(frozen=True)
+class ComplianceSummary:
+    """Active devices by policy compliance (devices without a policy are not counted)."""
+
+    compliant: int
+    noncompliant: int
+    pending: int
+
+
+async def compliance_summary(db: Database, scope: Collection[int] | None) -> ComplianceSummary:
+    """How many active devices are compliant, non-compliant and pending (one grouped query).
+
+    The policy service's compliance report loads every device's row and bundle; the
+    dashboard only needs the three counts, so they are grouped in the database.
+    """
+    async with db.read() as s:
+        rows = (
+            await s.execute(
+                _scoped(
+                    select(DevicePolicy.status, func.count())
+                    .join(Device, Device.id == DevicePolicy.device_id)
+                    .where(Device.status == "active", DevicePolicy.status != "none"),
+                    scope,
+                ).group_by(DevicePolicy.status)
+            )
+        ).all()
+    counts = {str(k): int(n) for k, n in rows}
+    return ComplianceSummary(
+        compliant=counts.get("compliant", 0),
+        noncompliant=counts.get("noncompliant", 0),
+        pending=counts.get("pending", 0),
+    )

@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
 from custos import __version__
 from custos.accounts.permissions import PERMISSIONS, SCOPABLE
@@ -49,6 +50,7 @@ from custos.console.auth import (
 from custos.db.base import utcnow
 from custos.devices.schemas import TokenCreate
 from custos.errors import Conflict, DomainError, Forbidden, Invalid, NotFound
+from custos.policies.schemas import AssignmentIn, LockIn, LostIn, PolicyAdd, WipeIn
 from custos.server.container import Services
 from custos.software.schemas import DeploymentCreate
 
@@ -84,6 +86,8 @@ NAV: tuple[tuple[str, str, str, str | None], ...] = (
     ("devices", "Devices", PREFIX + "/devices", "devices.view"),
     ("commands", "Commands", PREFIX + "/commands", "commands.view"),
     ("software", "Software", PREFIX + "/software", "software.view"),
+    ("policies", "Policies", PREFIX + "/policies", "policies.view"),
+    ("compliance", "Compliance", PREFIX + "/compliance", "devices.view"),
     ("tokens", "Enrolment", PREFIX + "/tokens", "devices.enroll"),
     ("reports", "Reports", PREFIX + "/reports", "reports.view"),
     ("audit", "Audit log", PREFIX + "/audit", "audit.view"),
@@ -388,6 +392,18 @@ async def dashboard(request: Request, user: User) -> Response:
                 ("Never", summary.never_seen),
             ],
         )
+        comp = await queries.compliance_summary(svc.db, scope)
+        ctx["compliance_chart"] = charts.donut_chart(
+            "Policy compliance",
+            [
+                ("Compliant", comp.compliant),
+                ("Non-compliant", comp.noncompliant),
+                ("Pending", comp.pending),
+                ("No policy", max(0, summary.active - comp.compliant - comp.noncompliant
+                                  - comp.pending)),
+            ],
+            empty="No active devices yet.",
+        )  # fmt: skip
         ctx["enrol_chart"] = charts.line_chart(
             "Enrolled devices, last 30 days", labels, [("Enrolled devices", values)]
         )
@@ -497,10 +513,23 @@ async def device_detail(
     user: Annotated[ConsoleUser, _needs("devices.view")],
 ) -> Response:
     """One device: inventory by area, history as a diff, commands with output, software."""
+    return await _device_page(request, user, device_id)
+
+
+async def _device_page(
+    request: Request,
+    user: ConsoleUser,
+    device_id: str,
+    *,
+    status: int = 200,
+    error: DomainError | None = None,
+    lost_form: dict[str, Any] | None = None,
+) -> Response:
     svc = _svc(request)
     if len(device_id) > 255:
         raise NotFound("no such device")
-    dev = await svc.devices.show(device_id, user.principal.device_scope("devices.view"))
+    view_scope = user.principal.device_scope("devices.view")
+    dev = await svc.devices.show(device_id, view_scope)
     history = await svc.devices.history(dev.id, key_prefix=None, limit=HISTORY_LIMIT)
     versions: dict[int, dict[str, Any]] = {}
     for ch in history:
@@ -512,10 +541,18 @@ async def device_detail(
     inv = _split_inventory(dev.inventory)
     can_run = user.can("commands.run") and dev.status == "active"
     can_retire = user.can("devices.manage") and dev.status == "active"
+    compliance = await svc.policies.device_compliance(dev.id, view_scope)
+    lost = compliance.lost or {}
     return render(
-        request, "device.html", user, active="devices", dev=dev, inv=inv,
+        request, "device.html", user, status=status, active="devices", dev=dev, inv=inv,
         versions=list(versions.values()), runs=runs, can_run=can_run, can_retire=can_retire,
-        history_limited=len(history) >= HISTORY_LIMIT,
+        history_limited=len(history) >= HISTORY_LIMIT, compliance=compliance,
+        can_lock=user.can("devices.lock") and dev.status == "active",
+        can_wipe=user.can("devices.wipe") and dev.status == "active",
+        is_lost=lost.get("state") == "lost", error=error.detail if error else "",
+        notice="" if error else _notice(request),
+        lost_form=lost_form or {"lock": True, "wipe": "none", "auto_wipe_days": "",
+                                "dry_run": False, "message": ""},
     )  # fmt: skip
 
 
@@ -529,6 +566,118 @@ async def device_retire(
     svc = _svc(request)
     dev = await svc.devices.retire(device_id, user.principal.device_scope("devices.manage"))
     return RedirectResponse(f"{PREFIX}/devices/{dev.id}?retired=1", status_code=303)
+
+
+# --- lost devices, lock and wipe ------------------------------------------------------------
+
+
+def _checked(value: str) -> bool:
+    """An HTML checkbox: present (any value but empty) means ticked."""
+    return bool(value) and value not in ("0", "false", "off")
+
+
+@router.post("/devices/{device_id}/lost")
+async def device_lost(
+    request: Request,
+    device_id: str,
+    user: Annotated[ConsoleUser, _needs("devices.lock")],
+    lock: Annotated[str, Form(max_length=10)] = "",
+    wipe: Annotated[str, Form(max_length=20)] = "none",
+    auto_wipe_days: Annotated[str, Form(max_length=10)] = "",
+    dry_run: Annotated[str, Form(max_length=10)] = "",
+    message: Annotated[str, Form(max_length=500)] = "",
+    confirm: Annotated[str, Form(max_length=255)] = "",
+) -> Response:
+    """Mark a device lost: lock it, and (with devices.wipe) wipe it now or after silent days."""
+    days, locks, dry = auto_wipe_days.strip(), _checked(lock), _checked(dry_run)
+    form: dict[str, Any] = {"lock": locks, "wipe": wipe, "auto_wipe_days": days,
+                            "dry_run": dry, "message": message}  # fmt: skip
+    try:
+        try:
+            req = LostIn.model_validate(
+                {"lock": locks, "wipe": wipe, "dry_run": dry, "message": message,
+                 "auto_wipe_days": int(days) if days else None, "confirm": confirm}
+            )  # fmt: skip
+        except ValidationError as exc:
+            raise Invalid("; ".join(_validation_lines(exc.errors()))) from None
+        except ValueError:
+            raise Invalid("auto-wipe after is a whole number of days (empty: never)") from None
+        wipes = req.wipe != "none" or req.auto_wipe_days is not None
+        if wipes and not user.can("devices.wipe"):
+            raise Forbidden("wiping needs the devices.wipe permission", code="forbidden")
+        scope = user.principal.device_scope("devices.wipe" if wipes else "devices.lock")
+        out = await _svc(request).policies.mark_lost(
+            device_id, req, user.principal.username, scope=scope, may_wipe=wipes
+        )
+    except DomainError as exc:
+        return await _device_page(
+            request, user, device_id, status=exc.status, error=exc, lost_form=form
+        )
+    return _done(f"{PREFIX}/devices/{out.device_id}", "lost")
+
+
+@router.post("/devices/{device_id}/found")
+async def device_found(
+    request: Request,
+    device_id: str,
+    user: Annotated[ConsoleUser, _needs("devices.lock")],
+) -> Response:
+    """A lost device is back: its pending lock and wipe are cancelled, a lock is undone."""
+    try:
+        out = await _svc(request).policies.found(
+            device_id, user.principal.username, scope=user.principal.device_scope("devices.lock")
+        )
+    except DomainError as exc:
+        return await _device_page(request, user, device_id, status=exc.status, error=exc)
+    return _done(f"{PREFIX}/devices/{out.device_id}", "found")
+
+
+@router.post("/devices/{device_id}/lock")
+async def device_lock(
+    request: Request,
+    device_id: str,
+    user: Annotated[ConsoleUser, _needs("devices.lock")],
+    message: Annotated[str, Form(max_length=500)] = "",
+) -> Response:
+    """Lock a device at its next contact."""
+    try:
+        try:
+            req = LockIn(message=message)
+        except ValidationError as exc:
+            raise Invalid("; ".join(_validation_lines(exc.errors()))) from None
+        out = await _svc(request).policies.lock(
+            device_id, req, user.principal.username,
+            scope=user.principal.device_scope("devices.lock"),
+        )  # fmt: skip
+    except DomainError as exc:
+        return await _device_page(request, user, device_id, status=exc.status, error=exc)
+    return _done(f"{PREFIX}/devices/{out['device_id']}", "locked")
+
+
+@router.post("/devices/{device_id}/wipe")
+async def device_wipe(
+    request: Request,
+    device_id: str,
+    user: Annotated[ConsoleUser, _needs("devices.wipe")],
+    mode: Annotated[str, Form(max_length=20)] = "selective",
+    dry_run: Annotated[str, Form(max_length=10)] = "",
+    confirm: Annotated[str, Form(max_length=255)] = "",
+) -> Response:
+    """Wipe a device at its next contact; unless a dry run, its name must be typed to confirm."""
+    try:
+        try:
+            req = WipeIn.model_validate(
+                {"mode": mode, "dry_run": _checked(dry_run), "confirm": confirm}
+            )
+        except ValidationError as exc:
+            raise Invalid("; ".join(_validation_lines(exc.errors()))) from None
+        out = await _svc(request).policies.wipe(
+            device_id, req, user.principal.username,
+            scope=user.principal.device_scope("devices.wipe"),
+        )  # fmt: skip
+    except DomainError as exc:
+        return await _device_page(request, user, device_id, status=exc.status, error=exc)
+    return _done(f"{PREFIX}/devices/{out.device_id}", "wipe_dry_run" if out.dry_run else "wipe")
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -781,6 +930,236 @@ async def deployment_action(
         raise NotFound("unknown action")
     dep = await _svc(request).software.set_state(ref, action)
     return RedirectResponse(f"{PREFIX}/software/deployments/{dep.id}", status_code=303)
+
+
+# --- policies and compliance ----------------------------------------------------------------
+
+POLICY_MAX_BYTES = 512 * 1024
+COMPLIANCE_PAGE = 100
+COMPLIANCE_STATUSES = ("noncompliant", "pending", "compliant")
+
+
+def _needs_everywhere(perm: str) -> Any:
+    """The signed-in user, holding `perm` on every device (as the policies API asks)."""
+
+    async def dependency(request: Request) -> ConsoleUser:
+        user = await current_user(request)
+        if not user.principal.can_everywhere(perm):
+            raise Forbidden(
+                f"you do not have the {perm} permission"
+                + (" on every device" if user.can(perm) else ""),
+                code="forbidden",
+            )
+        return user
+
+    dependency.__name__ = f"need_all_{perm.replace('.', '_')}"
+    return Depends(dependency)
+
+
+def _policy_url(ref: str) -> str:
+    return f"{PREFIX}/policies/{quote(ref, safe='')}"
+
+
+def _check_ref(ref: str) -> None:
+    if not ref or len(ref) > 100:
+        raise NotFound("no such policy")
+
+
+async def _policies_page(
+    request: Request,
+    user: ConsoleUser,
+    *,
+    status: int = 200,
+    error: DomainError | None = None,
+    document: str = "",
+) -> Response:
+    policies = await _svc(request).policies.list_policies()
+    return render(
+        request, "policies.html", user, status=status, active="policies", policies=policies,
+        error=error.detail if error else "", notice="" if error else _notice(request),
+        document=document, max_bytes=POLICY_MAX_BYTES,
+    )  # fmt: skip
+
+
+@router.get("/policies")
+async def policies(
+    request: Request, user: Annotated[ConsoleUser, _needs_everywhere("policies.view")]
+) -> Response:
+    """Policies with their assignments and compliance, and the form to add a profile."""
+    return await _policies_page(request, user)
+
+
+async def _profile_text(request: Request, document: str) -> str:
+    """The profile from the form: the uploaded file if one was chosen, else the textarea."""
+    form = await request.form()
+    upload = form.get("file")
+    if isinstance(upload, UploadFile) and upload.filename:
+        raw = await upload.read(POLICY_MAX_BYTES + 1)
+        if len(raw) > POLICY_MAX_BYTES:
+            raise Invalid(f"a profile is at most {POLICY_MAX_BYTES // 1024} KiB")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Invalid(f"{upload.filename} is not UTF-8 text (YAML or JSON)") from None
+    return document
+
+
+@router.post("/policies")
+async def add_policy(
+    request: Request,
+    user: Annotated[ConsoleUser, _needs_everywhere("policies.manage")],
+    document: Annotated[str, Form(max_length=2 * POLICY_MAX_BYTES)] = "",
+) -> Response:
+    """Add a profile (YAML or JSON, typed or uploaded); a new version if its name exists."""
+    text = document
+    try:
+        text = await _profile_text(request, document)
+        if not text.strip():
+            raise Invalid("paste a profile or choose a file (YAML or JSON)")
+        try:
+            body = PolicyAdd(document=text)
+        except ValidationError as exc:
+            raise Invalid("; ".join(_validation_lines(exc.errors()))) from None
+        out = await _svc(request).policies.add(body.document, user.principal.username)
+    except DomainError as exc:
+        # the text comes back in the form, so one mistake does not cost the whole profile
+        return await _policies_page(
+            request, user, status=exc.status, error=exc, document=text[:POLICY_MAX_BYTES]
+        )
+    key = "policy_added" if out.created else ("policy_version" if out.changed else "policy_same")
+    return _done(_policy_url(out.name), key)
+
+
+async def _policy_page(
+    request: Request,
+    user: ConsoleUser,
+    ref: str,
+    *,
+    version: int | None = None,
+    status: int = 200,
+    error: DomainError | None = None,
+) -> Response:
+    _check_ref(ref)
+    svc = _svc(request)
+    pol = await svc.policies.show(ref, version)
+    manage = user.principal.can_everywhere("policies.manage")
+    groups = await svc.devices.list_groups() if manage else []
+    labels = await svc.software.list_labels() if manage else []
+    return render(
+        request, "policy.html", user, status=status, active="policies", pol=pol,
+        chosen=version or pol.version, groups=groups, labels=labels, can_manage=manage,
+        url=_policy_url(pol.name), error=error.detail if error else "",
+        notice="" if error else _notice(request),
+        noncompliant_url=PREFIX + "/compliance?"
+        + urlencode({"policy": pol.name, "status": "noncompliant"}),
+    )  # fmt: skip
+
+
+@router.get("/policies/{ref}")
+async def policy_detail(
+    request: Request,
+    ref: str,
+    user: Annotated[ConsoleUser, _needs_everywhere("policies.view")],
+    version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+) -> Response:
+    """One policy: assignments, versions, the source of the current or a chosen version."""
+    return await _policy_page(request, user, ref, version=version)
+
+
+@router.post("/policies/{ref}/assignments")
+async def assign_policy(
+    request: Request,
+    ref: str,
+    user: Annotated[ConsoleUser, _needs_everywhere("policies.manage")],
+    kind: Annotated[str, Form(max_length=10)] = "",
+    target: Annotated[str, Form(max_length=200)] = "",
+    priority: Annotated[str, Form(max_length=10)] = "0",
+) -> Response:
+    """Assign the policy to all devices, a group or a label (with a priority)."""
+    _check_ref(ref)
+    try:
+        try:
+            req = AssignmentIn.model_validate(
+                {
+                    "kind": kind,
+                    "target": "" if kind == "all" else target.strip(),
+                    "priority": int(priority.strip() or "0"),
+                }
+            )
+        except ValidationError as exc:
+            raise Invalid("; ".join(_validation_lines(exc.errors()))) from None
+        except ValueError:
+            raise Invalid("the priority is a whole number from -1000 to 1000") from None
+        out = await _svc(request).policies.assign(ref, req, user.principal.username)
+    except DomainError as exc:
+        return await _policy_page(request, user, ref, status=exc.status, error=exc)
+    return _done(_policy_url(out.name), "assigned")
+
+
+@router.post("/policies/{ref}/assignments/remove")
+async def unassign_policy(
+    request: Request,
+    ref: str,
+    user: Annotated[ConsoleUser, _needs_everywhere("policies.manage")],
+    kind: Annotated[str, Form(max_length=10)] = "",
+    target: Annotated[str, Form(max_length=200)] = "",
+) -> Response:
+    """Remove one assignment of the policy."""
+    _check_ref(ref)
+    try:
+        if kind not in ("all", "group", "label"):
+            raise Invalid("the assignment kind is all, group or label")
+        out = await _svc(request).policies.unassign(ref, kind, target)
+    except DomainError as exc:
+        return await _policy_page(request, user, ref, status=exc.status, error=exc)
+    return _done(_policy_url(out.name), "unassigned")
+
+
+@router.post("/policies/{ref}/delete")
+async def remove_policy(
+    request: Request,
+    ref: str,
+    user: Annotated[ConsoleUser, _needs_everywhere("policies.manage")],
+) -> Response:
+    """Delete a policy (after the page's confirmation); its devices stop enforcing it."""
+    _check_ref(ref)
+    try:
+        await _svc(request).policies.remove(ref)
+    except DomainError as exc:
+        return await _policies_page(request, user, status=exc.status, error=exc)
+    return _done(PREFIX + "/policies", "policy_removed")
+
+
+@router.get("/compliance")
+async def compliance_page(
+    request: Request,
+    user: Annotated[ConsoleUser, _needs("devices.view")],
+    status: Annotated[str, Query(pattern="^(|all|noncompliant|pending|compliant)$")] = "",
+    policy: Annotated[str, Query(max_length=100)] = "",
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+) -> Response:
+    """Devices under a policy and their compliance, filtered by status and policy."""
+    svc = _svc(request)
+    status = "" if status == "all" else status
+    offset = (page - 1) * COMPLIANCE_PAGE
+    rows = await svc.policies.compliance(
+        status=status or None, policy=policy or None, limit=COMPLIANCE_PAGE + 1, offset=offset,
+        scope=user.principal.device_scope("devices.view"),
+    )  # fmt: skip
+    names: list[str] = []
+    if user.principal.can_everywhere("policies.view"):
+        names = [p.name for p in await svc.policies.list_policies()]
+    params = {"status": status, "policy": policy}
+
+    def url(n: int) -> str:
+        query = {k: v for k, v in {**params, "page": n}.items() if v not in ("", 1)}
+        return PREFIX + "/compliance" + ("?" + urlencode(query) if query else "")
+
+    return render(
+        request, "compliance.html", user, active="compliance", rows=rows[:COMPLIANCE_PAGE],
+        has_next=len(rows) > COMPLIANCE_PAGE, page=page, page_url=url, params=params,
+        statuses=COMPLIANCE_STATUSES, policy_names=names,
+    )  # fmt: skip
 
 
 # --- enrolment tokens -----------------------------------------------------------------------
@@ -1057,6 +1436,17 @@ NOTICES = {
     "totp_reset": "Two-factor sign-in was turned off for this user; they can set it up again.",
     "role_created": "The role was created.",
     "role_deleted": "The role was deleted, and every grant of it with it.",
+    "policy_added": "The policy was added. Assign it to devices to enforce it.",
+    "policy_version": "A new version of the policy was saved; its devices get it now.",
+    "policy_same": "The profile is the same as the current version: nothing changed.",
+    "policy_removed": "The policy was deleted; its devices stop enforcing it.",
+    "assigned": "The policy was assigned; the devices it reaches get it now.",
+    "unassigned": "The assignment was removed.",
+    "lost": "The device is marked lost; what you chose happens at its next contact.",
+    "found": "The device is marked found; its pending lock and wipe were cancelled.",
+    "locked": "The device will be locked at its next contact.",
+    "wipe": "The device will be wiped at its next contact.",
+    "wipe_dry_run": "A dry-run wipe was sent: the device reports what it would remove.",
 }
 TOKEN_DAYS_DEFAULT = 90
 
