@@ -199,7 +199,7 @@ def policy_rm(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
 ) -> None:
     """Delete a policy; its devices stop enforcing its rules."""
-    if not yes and not typer.confirm(f"Delete policy {ref}?"):
+    if not yes and not typer.confirm(f"Delete policy {ref}?", err=True):
         fail("cancelled", code=1)
     with _client() as c:
         c.request("DELETE", f"/api/v1/policies/{_seg(ref)}")
@@ -286,7 +286,9 @@ def _confirm_wipe(device: str, yes: bool) -> str:
     """The confirmation the server wants: the device's name, typed or given with --yes."""
     if yes:
         return device
-    typed = typer.prompt(f"This wipes {device} at its next contact. Type its name to confirm")
+    typed = typer.prompt(
+        f"This wipes {device} at its next contact. Type its name to confirm", err=True
+    )
     if typed != device:
         fail("the name did not match; nothing was sent", code=1)
     return typed
