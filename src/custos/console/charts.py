@@ -96,13 +96,18 @@ def _describe(data: Series, unit: str) -> str:
     return "; ".join(f"{label}: {_num(v)} {unit}" for label, v in data)
 
 
-def _legend(labels: Sequence[str], values: Sequence[float] | None = None) -> str:
+def _legend(
+    labels: Sequence[str],
+    values: Sequence[float] | None = None,
+    colours: Sequence[int] | None = None,
+) -> str:
     items = []
     for i, label in enumerate(labels):
         val = f" ({_num(values[i])})" if values is not None else ""
+        fill = colour(colours[i] if colours is not None else i)
         items.append(
             f'<li><svg class="swatch" viewBox="0 0 10 10" aria-hidden="true" focusable="false">'
-            f'<rect width="10" height="10" fill="{colour(i)}"/></svg>{escape(label)}{val}</li>'
+            f'<rect width="10" height="10" fill="{fill}"/></svg>{escape(label)}{val}</li>'
         )
     return f'<ul class="legend">{"".join(items)}</ul>'
 
@@ -140,7 +145,10 @@ def donut_chart(
     title: str, data: Series, *, unit: str = "devices", empty: str = "No data yet."
 ) -> Markup:
     """Shares of a whole as a ring, with the total in the middle and a legend beside it."""
-    data = [(str(k), float(v)) for k, v in data if v > 0]
+    # a series keeps its colour when others are empty (a slice's colour means the same)
+    indexed = [(i, str(k), float(v)) for i, (k, v) in enumerate(data) if v > 0]
+    data = [(k, v) for _, k, v in indexed]
+    slots = [i for i, _, _ in indexed]
     total = sum(v for _, v in data)
     if not data or total <= 0:
         return _empty(title, empty)
@@ -156,7 +164,7 @@ def donut_chart(
         pct = 100 * v / total
         # each slice is a dashed circle rotated to start where the previous one ended
         parts.append(
-            f'<circle cx="{c}" cy="{c}" r="{r}" fill="none" stroke="{colour(i)}" '
+            f'<circle cx="{c}" cy="{c}" r="{r}" fill="none" stroke="{colour(slots[i])}" '
             f'stroke-width="{stroke}" stroke-dasharray="{length:.2f} {circ - length:.2f}" '
             f'stroke-dashoffset="{-offset:.2f}" transform="rotate(-90 {c} {c})">'
             f"<title>{escape(label)}: {_num(v)} ({pct:.0f}%)</title></circle>"
@@ -175,7 +183,7 @@ def donut_chart(
         table,
         width=size,
         height=size,
-        extra=_legend([k for k, _ in data], [v for _, v in data]),
+        extra=_legend([k for k, _ in data], [v for _, v in data], slots),
     )
 
 
