@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MAX_DOCUMENT_BYTES = 512 * 1024
 MAX_RULES = 2000
@@ -137,14 +145,25 @@ class SysctlSetting(_Strict):
     value: str = Field(max_length=1000)
 
 
+def _one_line(v: str) -> str:
+    if any(ch in _LINE_BREAKS or (ord(ch) < 32 and ch != "\t") for ch in v):
+        raise ValueError("line breaks and control characters are not allowed here")
+    return v
+
+
+# what str.splitlines() breaks on: a value holding one could never be found again in the file
+_LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+OneLine = Annotated[str, AfterValidator(_one_line)]
+
+
 class IniSetting(_Strict):
     """One option in an INI file."""
 
     provider: Literal["ini"]
     path: AbsPath
-    section: str = Field(min_length=1, max_length=200)
-    option: str = Field(min_length=1, max_length=200)
-    value: str = Field(max_length=4000)
+    section: OneLine = Field(min_length=1, max_length=200)
+    option: OneLine = Field(min_length=1, max_length=200)
+    value: OneLine = Field(max_length=4000)
 
     @field_validator("path")
     @classmethod
@@ -271,8 +290,10 @@ class Profile(_Strict):
     @classmethod
     def _data_paths(cls, v: list[str]) -> list[str]:
         out = [_abs_path(p) for p in v]
-        if "/" in out:
-            raise ValueError("managed_data cannot be the root directory")
+        for p in out:
+            if p.count("/") < 2:
+                # "/", "/etc", "/home": a selective wipe must never take a whole system tree
+                raise ValueError(f"managed_data {p!r} is too broad (give e.g. /var/lib/app)")
         return out
 
     @model_validator(mode="after")
@@ -340,6 +361,19 @@ def _rule(rule_id: str, rule_type: str, model: BaseModel) -> dict[str, Any]:
     return {"id": rule_id, "type": rule_type, **body}
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without anchors and aliases: a few `*a` would expand a small document
+    into millions of nodes (a profile has no use for them)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (*name) are not allowed", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 def parse_profile(text: str | bytes) -> tuple[Profile, dict[str, Any]]:
     """Validate a YAML or JSON document; the profile and its normalised document.
 
@@ -350,7 +384,7 @@ def parse_profile(text: str | bytes) -> tuple[Profile, dict[str, Any]]:
         raise ProfileError(f"a profile is at most {MAX_DOCUMENT_BYTES // 1024} KiB")
     try:
         # safe_load: no tags, no objects; JSON is YAML, so one parser reads both
-        doc = yaml.safe_load(raw.decode("utf-8"))
+        doc = yaml.load(raw.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 - safe loader
     except UnicodeDecodeError:
         raise ProfileError("a profile is UTF-8 text") from None
     except yaml.YAMLError as exc:
@@ -364,7 +398,10 @@ def parse_profile(text: str | bytes) -> tuple[Profile, dict[str, Any]]:
         profile = Profile.model_validate(doc)
     except ValidationError as exc:
         raise ProfileError(_describe(exc)) from None
-    return profile, profile.model_dump(mode="json", exclude_none=True)
+    normalised = profile.model_dump(mode="json", exclude_none=True)
+    if len(json.dumps(normalised)) > 2 * MAX_DOCUMENT_BYTES:
+        raise ProfileError(f"a profile is at most {MAX_DOCUMENT_BYTES // 1024} KiB once expanded")
+    return profile, normalised
 
 
 def _describe(exc: ValidationError) -> str:

@@ -70,7 +70,18 @@ def test_full_profile_rules_have_stable_ids():
         ("name: a\nfiles: [{path: /x, content_b64: '***'}]", "base64"),
         ("name: a\nfiles: [{path: /a/../b}]", ".."),
         ("name: a\nfiles: [{path: /x}, {path: /x}]", "twice"),
-        ("name: a\nmanaged_data: [/]", "root"),
+        ("name: a\nmanaged_data: [/]", "too broad"),
+        ("name: a\nmanaged_data: [/home]", "too broad"),
+        (
+            "name: a\nsettings: [{provider: ini, path: /a.ini, section: s, option: o, "
+            'value: "x\\u2028y"}]',
+            "line breaks",
+        ),
+        (
+            "name: a\nsettings: [{provider: json, path: /a, pointer: /x, value: &a [1, 2]}]\n"
+            "managed_accounts: *a",
+            "aliases",
+        ),
         (
             "name: a\nservices: [{name: s, package: p, start: [x], provider: process}]",
             "software.required",
@@ -108,14 +119,14 @@ def _a(name: str, doc_text: str, priority: int = 0, kind: str = "group") -> Assi
 
 def test_merge_precedence_priority_then_specificity_then_name():
     base = "name: base\ninterval: 10m\nfiles: [{path: /etc/motd, content: base}]\n"
-    base += "managed_data: [/a]\n"
+    base += "managed_data: [/srv/a]\n"
     strict = "name: strict\ninterval: 1m\nfiles: [{path: /etc/motd, content: strict}]\n"
-    strict += "managed_data: [/b]\nservices: [{name: cron}]\n"
+    strict += "managed_data: [/srv/b]\nservices: [{name: cron}]\n"
     # a label assignment beats a group assignment of the same priority
     b = merge([_a("base", base, kind="group"), _a("strict", strict, kind="label")])
     motd = next(r for r in b["rules"] if r["id"] == "file:/etc/motd")
     assert motd["policy"] == "strict" and motd["content"] == "strict"
-    assert b["interval_s"] == 60 and b["managed_data"] == ["/a", "/b"]
+    assert b["interval_s"] == 60 and b["managed_data"] == ["/srv/a", "/srv/b"]
     assert [p["name"] for p in b["profiles"]] == ["strict", "base"]
     # a higher priority beats specificity
     b2 = merge([_a("base", base, priority=5, kind="all"), _a("strict", strict, kind="label")])
@@ -127,3 +138,19 @@ def test_merge_precedence_priority_then_specificity_then_name():
     assert b3["bundle_sha"] == b["bundle_sha"]
     # nothing assigned: no rules
     assert merge([])["rules"] == []
+
+
+def test_the_server_reads_the_agents_inventory_keys():
+    from custos.policies.service import judge_from_inventory
+
+    inv = {"custos.pkg.acme-av": "2.1", "sw.dpkg.linux-image": "5.15,6.1", "sw.winreg.Zoom": "5"}
+    req = {"type": "software_required", "name": "acme-av", "min_version": "2.0", "source": "custos"}
+    assert judge_from_inventory(req, inv, "1.0")[0] == "compliant"  # type: ignore[index]
+    kernel = {"type": "software_required", "name": "linux-image", "min_version": "6.0"}
+    assert judge_from_inventory(kernel, inv, "1.0")[0] == "compliant"  # type: ignore[index]
+    old = {"type": "software_required", "name": "linux-image", "min_version": "7"}
+    assert judge_from_inventory(old, inv, "1.0")[0] == "noncompliant"  # type: ignore[index]
+    zoom = {"type": "software_forbidden", "name": "Zoom", "source": "windows"}
+    assert judge_from_inventory(zoom, inv, "1.0")[0] == "noncompliant"  # type: ignore[index]
+    agent = {"type": "agent_version", "min_version": "0.2"}
+    assert judge_from_inventory(agent, inv, "0.1.0")[0] == "noncompliant"  # type: ignore[index]

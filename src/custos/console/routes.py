@@ -1020,7 +1020,12 @@ async def add_policy(
             body = PolicyAdd(document=text)
         except ValidationError as exc:
             raise Invalid("; ".join(_validation_lines(exc.errors()))) from None
-        out = await _svc(request).policies.add(body.document, user.principal.username)
+        out = await _svc(request).policies.add(
+            body.document,
+            user.principal.username,
+            may_lock=user.principal.can_everywhere("devices.lock"),
+            may_wipe=user.principal.can_everywhere("devices.wipe"),
+        )
     except DomainError as exc:
         # the text comes back in the form, so one mistake does not cost the whole profile
         return await _policies_page(
@@ -1090,7 +1095,13 @@ async def assign_policy(
             raise Invalid("; ".join(_validation_lines(exc.errors()))) from None
         except ValueError:
             raise Invalid("the priority is a whole number from -1000 to 1000") from None
-        out = await _svc(request).policies.assign(ref, req, user.principal.username)
+        out = await _svc(request).policies.assign(
+            ref,
+            req,
+            user.principal.username,
+            may_lock=user.principal.can_everywhere("devices.lock"),
+            may_wipe=user.principal.can_everywhere("devices.wipe"),
+        )
     except DomainError as exc:
         return await _policy_page(request, user, ref, status=exc.status, error=exc)
     return _done(_policy_url(out.name), "assigned")

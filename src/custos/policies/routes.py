@@ -47,7 +47,12 @@ async def add_policy(
     svc: Services = Depends(services),
 ) -> PolicyDetail:
     """Add a profile (YAML or JSON text); a new version if one of its name exists."""
-    out = await svc.policies.add(body.document, who.username)
+    out = await svc.policies.add(
+        body.document,
+        who.username,
+        may_lock=who.can_everywhere("devices.lock"),
+        may_wipe=who.can_everywhere("devices.wipe"),
+    )
     response.status_code = 201 if out.created else 200
     return out
 
@@ -91,7 +96,13 @@ async def assign_policy(
     svc: Services = Depends(services),
 ) -> PolicyDetail:
     """Assign a policy to all devices, a group or a label."""
-    return await svc.policies.assign(ref, body, who.username)
+    return await svc.policies.assign(
+        ref,
+        body,
+        who.username,
+        may_lock=who.can_everywhere("devices.lock"),
+        may_wipe=who.can_everywhere("devices.wipe"),
+    )
 
 
 @admin_router.delete("/policies/{ref}/assignments", response_model=PolicyDetail)

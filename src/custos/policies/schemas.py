@@ -11,7 +11,7 @@ from custos.validation import ReportedStr, ReportedTime, SafeStr
 
 RULE_STATUSES = ("compliant", "repaired", "noncompliant", "error", "unsupported")
 EVENT_KINDS = ("drift", "repaired", "repair_failed", "restored")
-MAX_REPORT_RULES = 2000
+MAX_REPORT_RULES = 10_001  # a bundle's 10,000 rules and the agent's own guard
 MAX_REPORT_EVENTS = 500
 MAX_REPORT_BYTES = 1024 * 1024
 

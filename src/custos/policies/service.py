@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
@@ -10,9 +11,10 @@ from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
 
 from custos import profiles
-from custos.commands.models import CommandRun
+from custos.commands.models import Command, CommandRun
 from custos.commands.service import CommandService
 from custos.db.base import new_id, utcnow
 from custos.db.engine import Database, UnitOfWork
@@ -60,6 +62,9 @@ log = logging.getLogger(__name__)
 SERVER_RULES = ("software_required", "software_forbidden", "agent_version")
 FAILING = ("noncompliant", "error")
 EVENTS_SHOWN = 50
+MAX_BUNDLE_RULES = 10_000  # what an agent accepts in one bundle (profiles hold 2,000 each)
+RECONCILE_LOCK = 0x637573746F01  # pg_advisory_xact_lock key: one reconcile at a time
+HISTORY_DAYS = 400  # compliance history kept (a year and a bit, for yearly audits)
 
 
 async def _emit(s: AsyncSession, event: str, data: dict[str, Any]) -> None:
@@ -67,6 +72,21 @@ async def _emit(s: AsyncSession, event: str, data: dict[str, Any]) -> None:
     from custos.webhooks.service import emit
 
     await emit(s, event, data)
+
+
+def _check_actions(doc: dict[str, Any], *, may_lock: bool, may_wipe: bool) -> None:
+    """Forbidden unless the caller may do what the policy's actions do to its devices."""
+    kinds = {a.get("do") for a in doc.get("actions", [])}
+    if "wipe" in kinds and not may_wipe:
+        raise Forbidden(
+            "this policy wipes devices: that needs the devices.wipe permission everywhere",
+            code="forbidden",
+        )
+    if "lock" in kinds and not may_lock:
+        raise Forbidden(
+            "this policy locks devices: that needs the devices.lock permission everywhere",
+            code="forbidden",
+        )
 
 
 def _device_status(bundle: dict[str, Any], rows: Iterable[RuleStatus]) -> tuple[str, list[str]]:
@@ -83,20 +103,31 @@ def _device_status(bundle: dict[str, Any], rows: Iterable[RuleStatus]) -> tuple[
     return "compliant", []
 
 
+# where the agent's inventory keeps each source (custos.agent.inventory; Custos-installed
+# packages are `custos.pkg.<name>`); a value may list several installed versions
+_SOURCE_KEYS = {
+    "dpkg": "sw.dpkg.",
+    "rpm": "sw.rpm.",
+    "pip": "sw.pip.",
+    "windows": "sw.winreg.",
+    "macos": "sw.macapp.",
+    "custos": "custos.pkg.",
+}
+
+
 def _sw_installed(inventory: dict[str, str], name: str, source: str) -> list[str]:
-    """Versions of a package the inventory lists (`sw.<source>.<name>`), any source or one."""
-    if source != "any":
-        v = inventory.get(f"sw.{source}.{name}")
-        return [v] if v is not None else []
-    suffix = "." + name
-    return [
-        v
-        for k, v in inventory.items()
-        if k.startswith("sw.")
-        and k.endswith(suffix)
-        and k.count(".") >= 2
-        and k.split(".", 2)[2] == name
-    ]
+    """Versions of a package the inventory lists, from one source or any."""
+    from custos.agent.inventory import key_part, normalize_pip_name  # pure helpers
+
+    found: list[str] = []
+    for src, prefix in _SOURCE_KEYS.items():
+        if source not in ("any", src):
+            continue
+        part = normalize_pip_name(name) if src == "pip" else key_part(name)
+        raw = inventory.get(prefix + (name if src == "custos" else part))
+        if raw:
+            found.extend(v for v in raw.split(",") if v)
+    return found
 
 
 def judge_from_inventory(
@@ -110,7 +141,7 @@ def judge_from_inventory(
             return "noncompliant", f"{rule['name']} is not installed"
         want = rule.get("min_version")
         if want and all(compare_versions(v, want) < 0 for v in versions):
-            return "noncompliant", f"{rule['name']} {max(versions)} is older than {want}"
+            return "noncompliant", f"{rule['name']} {', '.join(versions)} is older than {want}"
         return "compliant", f"{rule['name']} {', '.join(versions)}"
     if kind == "software_forbidden":
         versions = _sw_installed(inventory, rule["name"], rule.get("source", "any"))
@@ -141,15 +172,23 @@ class PolicyService:
         self.commands = commands
         self.push = push
         self.default_limit_bps = default_limit_bps
+        self._next_prune = 0.0
 
     # --- profiles -------------------------------------------------------------------------
 
-    async def add(self, text: str, created_by: str) -> PolicyDetail:
-        """A new policy, or a new version of the one with the document's name."""
+    async def add(
+        self, text: str, created_by: str, *, may_lock: bool = True, may_wipe: bool = True
+    ) -> PolicyDetail:
+        """A new policy, or a new version of the one with the document's name.
+
+        A policy whose actions lock or wipe devices can only be written by someone who may
+        lock or wipe every device (it will act on whatever it is assigned to).
+        """
         try:
             profile, doc = profiles.parse_profile(text)
         except profiles.ProfileError as exc:
             raise Invalid(f"invalid profile: {exc}", code="invalid_profile") from None
+        _check_actions(doc, may_lock=may_lock, may_wipe=may_wipe)
         digest = profiles.document_digest(doc)
         now = utcnow()
         created = changed = False
@@ -235,14 +274,14 @@ class PolicyService:
     async def _counts(s: AsyncSession) -> dict[str, ComplianceCounts]:
         """Per policy name: devices compliant, non-compliant and pending (one pass)."""
         rows = await s.execute(
-            select(DevicePolicy.status, DevicePolicy.bundle)
+            select(DevicePolicy.status, DevicePolicy.policies)
             .join(Device, Device.id == DevicePolicy.device_id)
             .where(Device.status == "active", DevicePolicy.status != "none")
         )
         counts: dict[str, Counter[str]] = {}
-        for status, bundle in rows:
-            for p in (bundle or {}).get("profiles", []):
-                counts.setdefault(str(p.get("name")), Counter())[status] += 1
+        for status, names in rows:
+            for name in names or ():
+                counts.setdefault(str(name), Counter())[status] += 1
         return {
             name: ComplianceCounts(
                 compliant=c["compliant"], noncompliant=c["noncompliant"], pending=c["pending"]
@@ -302,11 +341,20 @@ class PolicyService:
             await uow.session.delete(pol)
         return await self.reconcile()
 
-    async def assign(self, ref: str, req: AssignmentIn, created_by: str) -> PolicyDetail:
+    async def assign(
+        self,
+        ref: str,
+        req: AssignmentIn,
+        created_by: str,
+        *,
+        may_lock: bool = True,
+        may_wipe: bool = True,
+    ) -> PolicyDetail:
         """Assign a policy to all devices, a group or a label (the priority is updated if so)."""
         async with self.db.transaction() as uow:
             s = uow.session
             pol = await self._policy(s, ref)
+            _check_actions(pol.doc, may_lock=may_lock, may_wipe=may_wipe)
             if req.kind == "group" and not await s.scalar(
                 select(Group.id).where(Group.name == req.target)
             ):
@@ -365,51 +413,111 @@ class PolicyService:
         """Send every device whose effective bundle changed its new bundle; how many were sent.
 
         A periodic job (group and label membership change without telling anyone) and the
-        tail of every policy change. Devices with the same bundle share one `policy` command.
+        tail of every policy change. Devices with the same bundle share one `policy` command;
+        an undelivered older bundle is cancelled. On PostgreSQL one process reconciles at a
+        time (a transaction-scoped advisory lock), so two cannot queue the same bundle.
         """
         async with self.db.transaction() as uow:
             s = uow.session
+            if self.db.dialect == "postgresql":
+                await s.execute(select(func.pg_advisory_xact_lock(RECONCILE_LOCK)))
             assigns = (await s.execute(select(PolicyAssignment, Policy).join(Policy))).all()
-            states = {dp.device_id: dp for dp in (await s.scalars(select(DevicePolicy))).all()}
-            if not assigns and not any(dp.bundle_sha for dp in states.values()):
+            # only the shas: full rows are loaded for the devices whose bundle changes
+            held = dict(
+                (await s.execute(select(DevicePolicy.device_id, DevicePolicy.bundle_sha))).all()
+            )
+            if not assigns and not any(held.values()):
                 return 0
             wanted = await self._bundles(s, [(a, p) for a, p in assigns])
+            changed = {
+                d: b
+                for d, b in wanted.items()
+                if held.get(d, "") != (b["bundle_sha"] if b["rules"] else "")
+                and (d in held or b["rules"])  # never had a policy, still has none
+            }
+            if not changed:
+                return 0
             now = utcnow()
+            rows: dict[str, DevicePolicy] = {}
+            ids = list(changed)
+            for i in range(0, len(ids), 500):
+                for dp in await s.scalars(
+                    select(DevicePolicy).where(DevicePolicy.device_id.in_(ids[i : i + 500]))
+                ):
+                    rows[dp.device_id] = dp
             by_sha: dict[str, tuple[dict[str, Any], list[str]]] = {}
-            for device_id, bundle in wanted.items():
-                dp = states.get(device_id)
-                sha = bundle["bundle_sha"] if bundle["rules"] else ""
-                if dp is not None and dp.bundle_sha == sha:
+            stale: dict[str, set[str]] = {}  # rules whose content changed: judged afresh
+            issued = now
+            for device_id, bundle in changed.items():
+                if len(bundle["rules"]) > MAX_BUNDLE_RULES:
+                    log.warning(
+                        "policies: %s would get %d rules (at most %d); not sent",
+                        device_id,
+                        len(bundle["rules"]),
+                        MAX_BUNDLE_RULES,
+                    )
                     continue
-                if dp is None:
-                    if not sha:
-                        continue  # never had a policy, still has none
+                sha = bundle["bundle_sha"] if bundle["rules"] else ""
+                found = rows.get(device_id)
+                if found is None:
                     dp = DevicePolicy(device_id=device_id, status_since=now)
                     s.add(dp)
+                else:
+                    dp = found
+                    old = {str(r["id"]): r for r in dp.bundle.get("rules", [])}
+                    stale[device_id] = {
+                        str(r["id"])
+                        for r in bundle["rules"]
+                        if old.get(str(r["id"])) not in (None, r)
+                    }
+                    if dp.sent_at is not None and dp.sent_at >= issued:
+                        # strictly increasing per device, whichever process's clock it is
+                        issued = dp.sent_at + timedelta(milliseconds=1)
                 dp.bundle_sha = sha
                 dp.bundle = bundle
-                dp.sent_at = now
+                dp.policies = [p["name"] for p in bundle["profiles"]]
                 dp.inventory_seen = -1  # judge the new rules from the inventory again
                 by_sha.setdefault(sha, (bundle, []))[1].append(device_id)
             await s.flush()
             sent = 0
-            for sha, (bundle, ids) in by_sha.items():
-                await self._grant_packages(s, bundle, ids)
-                payload = {**bundle, "issued_at": now.isoformat()}
+            for sha, (bundle, group) in by_sha.items():
+                await self._cancel_undelivered(s, group)
+                await self._grant_packages(s, bundle, group)
                 await self.commands.queue(
                     uow,
                     kind="policy",
-                    payload=payload,
+                    payload={**bundle, "issued_at": issued.isoformat()},
                     target="policy:" + (sha[:12] or "none"),
-                    device_ids=ids,
+                    device_ids=group,
                     created_by="policy",
                 )
-                sent += len(ids)
-                # the new bundle's rules start from what the device last reported
-                await self._restatus(s, ids)
+                sent += len(group)
+                await self._restatus(s, group, stale)
+            for _, group in by_sha.values():
+                for i in range(0, len(group), 500):
+                    await s.execute(
+                        update(DevicePolicy)
+                        .where(DevicePolicy.device_id.in_(group[i : i + 500]))
+                        .values(sent_at=issued)
+                    )
         if sent:
             log.info("policies: new bundles for %d devices", sent)
         return sent
+
+    @staticmethod
+    async def _cancel_undelivered(s: AsyncSession, device_ids: Sequence[str]) -> None:
+        """Cancel queued `policy` runs of these devices: a newer bundle replaces them."""
+        for i in range(0, len(device_ids), 500):
+            chunk = list(device_ids[i : i + 500])
+            await s.execute(
+                update(CommandRun)
+                .where(
+                    CommandRun.device_id.in_(chunk),
+                    CommandRun.state == "queued",
+                    CommandRun.command_id.in_(select(Command.id).where(Command.kind == "policy")),
+                )
+                .values(state="cancelled", finished_at=utcnow())
+            )
 
     async def _bundles(
         self, s: AsyncSession, assigns: list[tuple[PolicyAssignment, Policy]]
@@ -534,8 +642,14 @@ class PolicyService:
             if (d, p) not in have
         )
 
-    async def _restatus(self, s: AsyncSession, device_ids: Sequence[str]) -> None:
-        """Drop statuses of rules no longer in a device's bundle; recompute its status."""
+    async def _restatus(
+        self,
+        s: AsyncSession,
+        device_ids: Sequence[str],
+        stale: dict[str, set[str]] | None = None,
+    ) -> None:
+        """Drop statuses of rules no longer in a device's bundle, or whose content changed
+        (a status about the old content says nothing of the new); recompute its status."""
         for i in range(0, len(device_ids), 500):
             chunk = list(device_ids[i : i + 500])
             dps = (
@@ -549,6 +663,7 @@ class PolicyService:
                 by_device.setdefault(r.device_id, []).append(r)
             for dp in dps:
                 keep = {str(r["id"]) for r in dp.bundle.get("rules", [])}
+                keep -= (stale or {}).get(dp.device_id, set())
                 mine = by_device.get(dp.device_id, [])
                 for r in mine:
                     if r.rule_id not in keep:
@@ -707,19 +822,19 @@ class PolicyService:
                 )
             ).all()
             now = utcnow()
+            statuses: dict[str, dict[str, RuleStatus]] = {}
+            ids = [dp.device_id for dp, *_ in rows]
+            for i in range(0, len(ids), 500):  # one query per 500 devices, not one each
+                for r in await s.scalars(
+                    select(RuleStatus).where(RuleStatus.device_id.in_(ids[i : i + 500]))
+                ):
+                    statuses.setdefault(r.device_id, {})[r.rule_id] = r
             for dp, inventory, inv_version, agent_version in rows:
                 dp.inventory_seen = inv_version
                 rules = [r for r in dp.bundle.get("rules", []) if r["type"] in SERVER_RULES]
                 if not rules:
                     continue
-                have = {
-                    r.rule_id: r
-                    for r in (
-                        await s.scalars(
-                            select(RuleStatus).where(RuleStatus.device_id == dp.device_id)
-                        )
-                    ).all()
-                }
+                have = statuses.setdefault(dp.device_id, {})
                 reported = dp.reported_sha == dp.bundle_sha
                 for rule in rules:
                     held = have.get(rule["id"])
@@ -850,6 +965,7 @@ class PolicyService:
         async with self.db.read() as s:
             q = (
                 select(DevicePolicy, Device.name, Device.last_seen)
+                .options(defer(DevicePolicy.bundle))
                 .join(Device, Device.id == DevicePolicy.device_id)
                 .where(
                     Device.status == "active",
@@ -862,7 +978,7 @@ class PolicyService:
             rows = (await s.execute(q.order_by(Device.name, Device.id))).all()
         out = []
         for dp, name, last_seen in rows:
-            names = [str(p.get("name")) for p in dp.bundle.get("profiles", [])]
+            names = list(dp.policies or ())
             if policy and policy not in names:
                 continue
             out.append(
@@ -1164,9 +1280,11 @@ class PolicyService:
                 pending.append(lost.lock_run_id)
             cancelled = set()
             if pending:
+                # only what the device has not been handed: a run sent may already be on it
+                # (it will run, and its result decides; a delivered lock is undone below)
                 res = await s.execute(
                     update(CommandRun)
-                    .where(CommandRun.id.in_(pending), CommandRun.state.in_(("queued", "sent")))
+                    .where(CommandRun.id.in_(pending), CommandRun.state == "queued")
                     .values(state="cancelled", finished_at=utcnow())
                     .returning(CommandRun.id)
                 )
@@ -1329,4 +1447,16 @@ class PolicyService:
         n += await self.judge_inventory()
         n += await self.act()
         n += await self.tick_lost()
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + 3600
+            await self.prune_history()
         return n
+
+    async def prune_history(self, now: datetime | None = None) -> int:
+        """Delete compliance history older than HISTORY_DAYS (hourly, from the tick)."""
+        cutoff = (now or utcnow()) - timedelta(days=HISTORY_DAYS)
+        async with self.db.transaction() as uow:
+            res = await uow.session.execute(
+                delete(ComplianceEvent).where(ComplianceEvent.at < cutoff)
+            )
+        return int(res.rowcount or 0)  # type: ignore[attr-defined]
