@@ -189,10 +189,15 @@ class AgentRuntime:
         self.state.sent(accepted)
         pending_wipe = self.state.get(lockwipe.PENDING_WIPE)
         if pending_wipe and pending_wipe in accepted:
-            # the server has the wipe's result: now the device forgets who it was
-            lockwipe.erase_secrets(self.state)
-            self.client._session = None
-            raise DeviceWiped("this device was wiped")
+            sent = next((r for r in results if r.get("run_id") == pending_wipe), None)
+            if lockwipe.wipe_succeeded(sent):
+                # the server has the wipe's result: now the device forgets who it was
+                lockwipe.erase_secrets(self.state)
+                self.client._session = None
+                raise DeviceWiped("this device was wiped")
+            # a failed or partial wipe keeps the key: the device must still report and retry
+            log.error("wipe %s did not succeed; the agent keeps its key", pending_wipe)
+            self.state.set(**{lockwipe.PENDING_WIPE: ""})
         self._task_batch = 100
         if task_results:
             self.tasks.store.sent(list(resp.get("accepted_task_results") or []))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import stat
 import sys
-import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,19 +103,53 @@ def is_root_user() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
+# O_NOFOLLOW/O_NONBLOCK do not exist on Windows, where these races do not apply the same way
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_BINARY = getattr(os, "O_BINARY", 0)
+
+
+def _create_temp(directory: Path, name: str) -> tuple[int, Path]:
+    """A new file of ours (0600, never an existing file or a link) next to the target."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | _BINARY
+    for _ in range(100):
+        tmp = directory / f".{name}.{secrets.token_hex(8)}.custos"
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {directory}")
+
+
+def _set_attrs(fd: int, st: os.stat_result, mode: int | None, uid: int, gid: int) -> None:
+    """Owner then mode on an open file (a chown clears set-id bits, so the mode goes last)."""
+    if uid != -1 or gid != -1:
+        os.fchown(fd, uid, gid)
+        if mode is None:
+            mode = stat.S_IMODE(st.st_mode)  # put back what the chown cleared
+    if mode is not None:
+        os.fchmod(fd, mode)
+
+
 def atomic_write(path: Path, data: bytes, mode: int | None, uid: int = -1, gid: int = -1) -> None:
-    """Write a file by temp + fsync + rename: readers see the old or the new file, never half."""
+    """Write a file by temp + fsync + rename: readers see the old or the new file, never half.
+
+    Mode and owner are set on the open descriptor of a file this call created exclusively:
+    someone who can write the directory cannot swap the temp file for a link and have the
+    agent chmod or chown what it points to.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".custos")
+    fd, tmp = _create_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            if hasattr(os, "fchmod"):
+                _set_attrs(fh.fileno(), os.fstat(fh.fileno()), mode, uid, gid)
+            elif mode is not None:  # pragma: no cover - Windows: no owners, no link races
+                os.chmod(tmp, mode)
             os.fsync(fh.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        if uid != -1 or gid != -1:
-            os.chown(tmp, uid, gid)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -122,15 +157,75 @@ def atomic_write(path: Path, data: bytes, mode: int | None, uid: int = -1, gid: 
         raise
 
 
-def read_limited(path: Path) -> bytes:
-    """A regular file's bytes (not through a final symlink), refusing very large files."""
-    st = path.lstat()
+def set_mode_owner(path: Path, mode: int | None, uid: int = -1, gid: int = -1) -> None:
+    """Set a regular file's mode and owner in place, never through a link or on a non-file."""
+    if not hasattr(os, "fchmod"):  # pragma: no cover - Windows
+        if mode is not None:
+            os.chmod(path, mode)
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC)
+    except PermissionError:
+        # a file we may not read (mode 000) but own: pin it by an O_PATH descriptor instead
+        if not hasattr(os, "O_PATH") or not os.path.isdir("/proc/self/fd"):
+            raise
+        fd = os.open(path, os.O_PATH | _NOFOLLOW | _CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            _require_regular(path, st)
+            # /proc/self/fd/N names exactly the inode held open, whatever the path is now
+            via = f"/proc/self/fd/{fd}"
+            if uid != -1 or gid != -1:
+                os.chown(via, uid, gid)
+                mode = stat.S_IMODE(st.st_mode) if mode is None else mode
+            if mode is not None:
+                os.chmod(via, mode)
+        finally:
+            os.close(fd)
+        return
+    except OSError as exc:
+        raise _link_error(path, exc) from None
+    try:
+        st = os.fstat(fd)
+        _require_regular(path, st)
+        _set_attrs(fd, st, mode, uid, gid)
+    finally:
+        os.close(fd)
+
+
+def _require_regular(path: Path, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise OSError(f"{path} is not a regular file")
-    if st.st_size > MAX_READ_BYTES:
-        raise OSError(f"{path} is larger than {MAX_READ_BYTES} bytes")
-    with path.open("rb") as fh:
-        return fh.read(MAX_READ_BYTES + 1)
+
+
+def _link_error(path: Path, exc: OSError) -> OSError:
+    """O_NOFOLLOW on a link fails with ELOOP: say what it means."""
+    if exc.errno == errno.ELOOP:
+        return OSError(f"{path} is not a regular file (a symbolic link)")
+    return exc
+
+
+def read_limited(path: Path, limit: int = MAX_READ_BYTES) -> bytes:
+    """A regular file's bytes (not through a final symlink), refusing very large files.
+
+    Opened without following a link and without blocking, then checked on the descriptor:
+    a FIFO or device swapped in after a check cannot hang or feed the evaluation.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC | _BINARY)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _link_error(path, exc) from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        _require_regular(path, st)
+        if st.st_size > limit:
+            raise OSError(f"{path} is larger than {limit} bytes")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"{path} is larger than {limit} bytes")
+    return data
 
 
 Runner = Callable[[Sequence[str]], Awaitable[ProcessResult]]

@@ -45,7 +45,8 @@ MIN_INTERVAL_S, MAX_INTERVAL_S = 10.0, 86400.0
 HEARTBEAT_S = 6 * 3600.0
 RETRY_S = 30.0
 INVENTORY_TTL_S = 60.0
-MAX_RULES = 2000
+MAX_RULES = 10_000  # a device's merged bundle (several profiles of up to 2,000 each)
+MAX_RULE_ID = 1200  # the longest rule id the server takes back in a report
 MAX_EVENTS = 500
 MAX_REPORT_BYTES = 1_000_000  # the server takes 1 MiB; room left for headers and rounding
 # software first (services may wait for their package), checks last
@@ -82,6 +83,8 @@ def check_bundle(doc: Any) -> dict[str, Any]:
     for rule in rules:
         if not isinstance(rule, dict) or not rule.get("id") or not rule.get("type"):
             raise BundleError("every rule needs an id and a type")
+        if len(str(rule["id"])) > MAX_RULE_ID:
+            raise BundleError(f"a rule id is longer than {MAX_RULE_ID} characters")
         if rule["id"] in seen or rule["id"] == GUARD_ID:
             raise BundleError(f"rule id {rule['id']!r} appears twice")
         seen.add(str(rule["id"]))
@@ -94,18 +97,45 @@ def check_bundle(doc: Any) -> dict[str, Any]:
     return doc
 
 
+_SEVERITY = {"error": 0, "noncompliant": 1, "repaired": 2, "unsupported": 3, "compliant": 4}
+
+
+def _size(report: dict[str, Any]) -> int:
+    return len(json.dumps(report, separators=(",", ":"), ensure_ascii=False).encode())
+
+
 def fit_report(report: dict[str, Any], limit: int = MAX_REPORT_BYTES) -> dict[str, Any]:
-    """The report within the server's size limit, shortening details if it must."""
+    """The report within the server's size limit, shortening details if it must.
+
+    Details go first (down to none), then events; only if 10,000 long rule ids alone are
+    still too large are the least telling statuses (compliant ones last) left out: the server
+    keeps a rule's last status until a report names it again.
+    """
     for keep in (None, 200, 40, 0):
         if keep is not None:
             report = {
                 **report,
-                "rules": [{**r, "detail": r["detail"][:keep]} for r in report["rules"]],
-                "events": [{**e, "detail": e["detail"][:keep]} for e in report["events"]],
+                "rules": [_cut_detail(r, keep) for r in report["rules"]],
+                "events": [_cut_detail(e, keep) for e in report["events"]],
             }
-        if len(json.dumps(report, separators=(",", ":"), ensure_ascii=False).encode()) <= limit:
-            break
-    return report
+        if _size(report) <= limit:
+            return report
+    report = {**report, "events": []}
+    size = _size(report)
+    if size <= limit:
+        return report
+    rules = sorted(report["rules"], key=lambda r: _SEVERITY.get(str(r.get("status")), 0))
+    while rules and size > limit:
+        dropped = rules.pop()
+        size -= len(json.dumps(dropped, separators=(",", ":"), ensure_ascii=False).encode()) + 1
+    return {**report, "rules": rules}
+
+
+def _cut_detail(item: dict[str, Any], keep: int) -> dict[str, Any]:
+    """An item with its detail cut to keep characters (an empty detail is left out)."""
+    detail = str(item.get("detail", ""))[:keep]
+    rest = {k: v for k, v in item.items() if k != "detail"}
+    return {**rest, "detail": detail} if detail else rest
 
 
 class PolicyEngine:

@@ -19,6 +19,7 @@ from custos.agent.policy.base import (
     SandboxError,
     atomic_write,
     read_limited,
+    set_mode_owner,
 )
 
 
@@ -115,8 +116,11 @@ def _evaluate(rule: dict[str, Any], ctx: Context) -> Outcome:
     )
     if ownership and not ctx.as_root:
         # rewriting would still leave the owner wrong: say so, but fix what can be fixed
-        partial = _repair(path, st, content, mode, -1, -1, rewrite)
         detail = "changing the owner needs root; the agent does not run as root"
+        try:
+            partial = _repair(path, st, content, mode, -1, -1, rewrite)
+        except OSError as exc:
+            partial = f"repair failed: {exc}"
         if partial:
             detail = f"{partial}, but {detail}"
         return Outcome.drifted(why, Outcome(ERROR, detail))
@@ -145,12 +149,14 @@ def _repair(
             keep_mode = stat.S_IMODE(st.st_mode) if regular and st is not None else 0o644
         atomic_write(path, data, keep_mode, uid, gid)
         return "rewritten"
+    # on the open file, which must still be a regular file: a link swapped in since the
+    # check is refused, never followed to what it points to
+    if mode is not None or uid != -1 or gid != -1:
+        set_mode_owner(path, mode, uid, gid)
     done = []
     if mode is not None:
-        os.chmod(path, mode)  # a regular file here (a link would have been rewritten)
         done.append("mode set")
     if uid != -1 or gid != -1:
-        os.chown(path, uid, gid, follow_symlinks=False)
         done.append("owner set")
     return ", ".join(done)
 

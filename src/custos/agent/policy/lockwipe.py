@@ -158,7 +158,7 @@ async def wipe(
                     "error": cut(f"the wipe command failed: {process_failure(res)}")}  # fmt: skip
         out["command"] = argv
         _schedule_erasure(state, run_id, payload)
-        return {"result": out}
+        return {"state": "succeeded", "result": out}
     if mode != "selective":
         return {"state": "rejected", "error": f"unknown wipe mode {mode!r}"}
     raw = payload.get("paths")
@@ -169,6 +169,10 @@ async def wipe(
         except SandboxError as exc:
             out["failed"].append({"path": raw_path, "error": cut(str(exc))})
             continue
+        refused = _protected(target, sandbox, state.dir)
+        if refused:
+            out["failed"].append({"path": raw_path, "error": refused})
+            continue
         if not await asyncio.to_thread(os.path.lexists, target):
             out["missing"].append(raw_path)
             continue
@@ -176,16 +180,42 @@ async def wipe(
             out["removed"].append(raw_path)
             continue
         try:
-            _remove(target)
+            await asyncio.to_thread(_remove, target)
         except OSError as exc:
             out["failed"].append({"path": raw_path, "error": cut(str(exc))})
             continue
         out["removed"].append(raw_path)
     if payload.get("applications", True) and software is not None:
         out["applications"] = await _uninstall_all(software, state.dir / "software", dry)
+    failure = _failure(out)
+    if failure:
+        # a partial wipe is no success: the agent keeps its key so it can report and retry
+        return {"state": "failed", "error": failure, "result": out}
     if not dry:
         _schedule_erasure(state, run_id, payload)
-    return {"result": out}
+    return {"state": "succeeded", "result": out}
+
+
+def _protected(target: Path, sandbox: Sandbox, state_dir: Path) -> str | None:
+    """Why a wipe must not remove this path (None: it may)."""
+    agent = Path(os.path.realpath(state_dir))
+    if target == agent or agent in target.parents or target in agent.parents:
+        return "refused: protects the agent"
+    if target == sandbox.root or target.parent == sandbox.root:
+        return "refused: the root and its top-level entries are never managed data"
+    return None
+
+
+def _failure(out: dict[str, Any]) -> str | None:
+    """What a wipe failed to do, in a line (None: it did everything)."""
+    paths = [str(f["path"]) for f in out["failed"]]
+    apps = [str(a["name"]) for a in out["applications"] if a.get("state") == "failed"]
+    parts = []
+    if paths:
+        parts.append(f"{len(paths)} path(s) not removed: {', '.join(paths)}")
+    if apps:
+        parts.append(f"{len(apps)} application(s) not uninstalled: {', '.join(apps)}")
+    return cut("; ".join(parts)) if parts else None
 
 
 async def _uninstall_all(software: SoftwareStore, work: Path, dry: bool) -> list[dict[str, Any]]:
@@ -221,6 +251,14 @@ async def _uninstall_all(software: SoftwareStore, work: Path, dry: bool) -> list
 def _schedule_erasure(state: AgentState, run_id: str, payload: dict[str, Any]) -> None:
     if payload.get("secrets", True):
         state.set(**{PENDING_WIPE: run_id})
+
+
+def wipe_succeeded(sent: dict[str, Any] | None) -> bool:
+    """Whether a wipe result the server accepted is a real wipe that succeeded."""
+    if not isinstance(sent, dict) or sent.get("state") != "succeeded":
+        return False
+    result = sent.get("result")
+    return not (isinstance(result, dict) and result.get("dry_run"))
 
 
 def erase_secrets(state: AgentState) -> None:

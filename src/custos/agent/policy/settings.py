@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import stat
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -60,17 +63,28 @@ def _sysctl(rule: dict[str, Any], ctx: Context) -> Outcome:
         return Outcome(ERROR, f"cannot read {key}: {exc}")
     if have == want:
         return Outcome(COMPLIANT)
-    why = f"{key} was {have!r}"
+    why = f"{key} differed"  # never the values: a setting may hold a secret
     try:
-        # /proc/sys files cannot be replaced, only written in place
-        with base.open("w") as fh:
-            fh.write(want + "\n")
+        # /proc/sys files cannot be replaced, only written in place (never through a link)
+        _write_in_place(base, (want + "\n").encode())
         now = " ".join(read_limited(base).decode(errors="replace").split())
     except OSError as exc:
         return Outcome.drifted(why, Outcome(ERROR, f"cannot write: {exc}"))
     if now != want:
-        return Outcome.drifted(why, Outcome(ERROR, f"the kernel kept {now!r}"))
-    return Outcome.drifted(why, f"set to {want!r}")
+        return Outcome.drifted(why, Outcome(ERROR, "the kernel kept a different value"))
+    return Outcome.drifted(why, "set")
+
+
+def _write_in_place(path: Path, data: bytes) -> None:
+    """Overwrite an existing regular file's content (not through a link, not a FIFO)."""
+    flags = os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 # --- ini ---
@@ -100,46 +114,84 @@ def _ini_find(lines: list[str], section: str, option: str) -> tuple[int, int, in
     return head, end, found
 
 
+# str.splitlines() breaks lines at these: a name or value holding one could never be found
+# again in the file, and each evaluation would add another copy
+_LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def _unusable(text: str) -> bool:
+    """Whether text holds a line break or another control character."""
+    return any(ch in _LINE_BREAKS or unicodedata.category(ch) == "Cc" for ch in text)
+
+
+def _ini_rule(rule: dict[str, Any]) -> tuple[str, str, str] | str:
+    """(section, option, value) the provider can find again in the file, or why not."""
+    section, option = str(rule.get("section", "")), str(rule.get("option", ""))
+    want = _text(rule.get("value", ""))
+    if not section or not option:
+        return "an ini setting needs a section and an option"
+    if _unusable(section) or _unusable(option) or _unusable(want):
+        return "unusable value: line breaks and control characters cannot be kept in an ini file"
+    # the reader strips white space around names and values: other forms never match again
+    if section != section.strip() or "]" in section or "[" in section:
+        return "unusable value: the section name"
+    if option != option.strip() or option[0] in "#;[" or any(c in option for c in "=:"):
+        return "unusable value: the option name"
+    if want != want.strip():
+        return "unusable value: an ini value must not start or end with white space"
+    return section, option, want
+
+
+def _split(text: str) -> tuple[list[str], str]:
+    """The file's lines split on \\n only (a CR stays on its line) and its line ending."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the file ended with a line break
+    crlf = bool(lines) and all(line.endswith("\r") for line in lines)
+    return lines, "\r" if crlf else ""
+
+
 def _ini(rule: dict[str, Any], ctx: Context) -> Outcome:
     path = ctx.sandbox.resolve(str(rule.get("path", "")))
-    section, option = str(rule.get("section", "")), str(rule.get("option", ""))
-    if not section or not option or "\n" in section + option or "]" in section:
-        return Outcome(ERROR, "an ini setting needs a section and an option")
-    want = _text(rule.get("value", ""))
-    if "\n" in want or "\r" in want:
-        return Outcome(ERROR, "an ini value must be one line")
+    parsed = _ini_rule(rule)
+    if isinstance(parsed, str):
+        return Outcome(ERROR, parsed)
+    section, option, want = parsed
     try:
         text = read_limited(path).decode()
     except FileNotFoundError:
         text = ""
     except (OSError, UnicodeDecodeError) as exc:
         return Outcome(ERROR, f"cannot read {rule.get('path')}: {exc}")
-    lines = text.splitlines()
+    lines, cr = _split(text)
     head, end, found = _ini_find(lines, section, option)
+    # details never carry the values: a setting may hold a secret
     if found is not None:
         m = _OPTION.match(lines[found])
         assert m is not None
         if m.group(4) == want:
             return Outcome(COMPLIANT)
-        why = f"[{section}] {option} was {m.group(4)!r}"
-        lines[found] = f"{m.group(1)}{m.group(2)}{m.group(3)}{want}"
+        why = f"[{section}] {option} differed"
+        keep = "\r" if lines[found].endswith("\r") else ""
+        lines[found] = f"{m.group(1)}{m.group(2)}{m.group(3)}{want}{keep}"
     elif head >= 0:
-        why = f"[{section}] {option} was not set"
+        why = f"[{section}] {option} was missing"
         at = end
         while at > head + 1 and not lines[at - 1].strip():
             at -= 1  # before the blank lines that separate it from the next section
-        lines.insert(at, f"{option} = {want}")
+        lines.insert(at, f"{option} = {want}{cr}")
     else:
-        why = f"[{section}] {option} was not set" if text else f"{rule.get('path')} was missing"
+        why = f"[{section}] {option} was missing" if text else f"{rule.get('path')} was missing"
         if lines and lines[-1].strip():
-            lines.append("")
-        lines += [f"[{section}]", f"{option} = {want}"]
+            lines.append(cr)
+        lines += [f"[{section}]{cr}", f"{option} = {want}{cr}"]
     try:
-        mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+        st = path.lstat() if text else None
+        mode = stat.S_IMODE(st.st_mode) if st is not None else 0o644
         atomic_write(path, ("\n".join(lines) + "\n").encode(), mode)
     except OSError as exc:
         return Outcome.drifted(why, Outcome(ERROR, f"cannot write: {exc}"))
-    return Outcome.drifted(why, f"set to {want!r}")
+    return Outcome.drifted(why, "set")
 
 
 # --- json ---
@@ -186,18 +238,19 @@ def _json(rule: dict[str, Any], ctx: Context) -> Outcome:
             break
     if not missing and _same(node, want):
         return Outcome(COMPLIANT)
-    why = "was not set" if missing else f"was {json.dumps(node)[:200]}"
-    why = f"{rule.get('pointer')} {why}"
+    # never the values in details: a setting may hold a secret
+    why = f"{rule.get('pointer')} {'was missing' if missing else 'differed'}"
     try:
         doc = _set(doc, parts, want)
     except ValueError as exc:
         return Outcome.drifted(why, Outcome(ERROR, str(exc)))
     try:
-        mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+        st = path.lstat() if os.path.lexists(path) else None
+        mode = stat.S_IMODE(st.st_mode) if st is not None else 0o644
         atomic_write(path, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode(), mode)
     except OSError as exc:
         return Outcome.drifted(why, Outcome(ERROR, f"cannot write: {exc}"))
-    return Outcome.drifted(why, f"set to {json.dumps(want)[:200]}")
+    return Outcome.drifted(why, "set")
 
 
 def _set(doc: Any, parts: list[str], value: Any) -> Any:
@@ -261,9 +314,9 @@ def _registry_windows(rule: dict[str, Any]) -> Outcome:  # pragma: no cover - Wi
             have, have_kind = winreg.QueryValueEx(k, name)
         if have == want and have_kind == kind:
             return Outcome(COMPLIANT)
-        why = f"{name} was {have!r}"
+        why = f"{name} differed"  # never the values: a setting may hold a secret
     except FileNotFoundError:
-        why = f"{name} was not set"
+        why = f"{name} was missing"
     except OSError as exc:
         return Outcome(ERROR, f"cannot read the registry: {exc}")
     try:
@@ -271,12 +324,12 @@ def _registry_windows(rule: dict[str, Any]) -> Outcome:  # pragma: no cover - Wi
             winreg.SetValueEx(k, name, 0, kind, want)
     except OSError as exc:
         return Outcome.drifted(why, Outcome(ERROR, f"cannot write: {exc}"))
-    return Outcome.drifted(why, f"set to {want!r}")
+    return Outcome.drifted(why, "set")
 
 
 def ini_value(path: Path, section: str, option: str) -> str | None:
     """An option's value as this provider reads it (for tests and diagnostics)."""
-    lines = path.read_text().splitlines()
+    lines, _cr = _split(path.read_bytes().decode())
     _head, _end, found = _ini_find(lines, section, option)
     if found is None:
         return None

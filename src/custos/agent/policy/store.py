@@ -81,13 +81,15 @@ class PolicyStore:
         return json.loads(row[0]) if row else None
 
     def store_bundle(self, doc: dict[str, Any]) -> bool:
-        """Keep a bundle if it is newer than the one held (same sha: nothing to do)."""
+        """Keep a bundle unless the one held is newer (same sha: nothing to do)."""
         sha, issued = str(doc["bundle_sha"]), str(doc["issued_at"])
         with self._tx():
             row = self.db.execute(
                 "SELECT bundle_sha, issued_at FROM policy_bundle WHERE id = 1"
             ).fetchone()
-            if row is not None and (row[0] == sha or not _newer(issued, row[1])):
+            # same time, other sha: a resend of a newer bundle (the server's times strictly
+            # increase per device), so it is applied; an older time never is
+            if row is not None and (row[0] == sha or _newer(row[1], issued)):
                 return False
             self.db.execute(
                 "INSERT INTO policy_bundle (id, bundle_sha, issued_at, doc, received)"

@@ -69,7 +69,48 @@ async def test_selective_wipe_removes_paths_not_link_targets(root, state, tmp_pa
     )
     assert (outside / "keep.txt").read_text() == "keep"  # the link went, not what it pointed to
     assert out["applications"] == []
-    assert state.get(lockwipe.PENDING_WIPE) == "r2"
+    # a partial wipe is a failure that names what failed, and the key is kept
+    assert res["state"] == "failed"
+    assert "/var/lib/exit/keep.txt" in res["error"] and "/../../etc/passwd" in res["error"]
+    assert not state.get(lockwipe.PENDING_WIPE)
+
+
+async def test_selective_wipe_that_removes_everything_schedules_the_erasure(root, state):
+    res = await lockwipe.wipe(
+        {"mode": "selective", "dry_run": False, "paths": ["/var/lib/acme", "/etc/gone"]},
+        run_id="r2b", state=state, sandbox=Sandbox(root), managed_data=[], software=None,
+    )  # fmt: skip
+    assert res["state"] == "succeeded" and res["result"]["removed"] == ["/var/lib/acme"]
+    assert state.get(lockwipe.PENDING_WIPE) == "r2b"
+
+
+async def test_wipe_refuses_the_agent_state_and_top_level_directories(tmp_path):
+    root = tmp_path / "root"
+    (root / "var" / "lib" / "custos" / "agent").mkdir(parents=True)
+    (root / "var" / "lib" / "other").mkdir()
+    (root / "etc").mkdir()
+    (root / "home" / "alice").mkdir(parents=True)
+    st = AgentState(root / "var" / "lib" / "custos" / "agent")
+    try:
+        res = await lockwipe.wipe(
+            {"mode": "selective", "dry_run": False,
+             "paths": ["/var/lib/custos", "/var/lib/custos/agent", "/var/lib/custos/agent/state.db",
+                       "/etc", "/home", "/var/lib/other"]},
+            run_id="r9", state=st, sandbox=Sandbox(root), managed_data=[], software=None,
+        )  # fmt: skip
+        out = res["result"]
+        errors = {f["path"]: f["error"] for f in out["failed"]}
+        for agent_path in ("/var/lib/custos", "/var/lib/custos/agent",
+                           "/var/lib/custos/agent/state.db"):  # fmt: skip
+            assert errors[agent_path] == "refused: protects the agent"
+        for top in ("/etc", "/home"):
+            assert errors[top].startswith("refused:")
+        assert out["removed"] == ["/var/lib/other"]
+        assert res["state"] == "failed" and not st.get(lockwipe.PENDING_WIPE)
+        assert (root / "etc").is_dir() and (root / "home" / "alice").is_dir()
+        assert (root / "var" / "lib" / "custos" / "agent").is_dir()
+    finally:
+        st.close()
 
 
 async def test_full_wipe_needs_a_platform_hook(root, state, monkeypatch, tmp_path):
@@ -82,7 +123,7 @@ async def test_full_wipe_needs_a_platform_hook(root, state, monkeypatch, tmp_pat
     hook = [sys.executable, "-c", f"open({str(marker)!r}, 'w').write('1')"]
     monkeypatch.setenv("CUSTOS_AGENT_WIPE_COMMAND", json.dumps(hook))
     res = await lockwipe.wipe({"mode": "full"}, **args)
-    assert res.get("state") is None and marker.read_text() == "1"
+    assert res["state"] == "succeeded" and marker.read_text() == "1"
     assert state.get(lockwipe.PENDING_WIPE) == "r3"
 
 
@@ -180,3 +221,39 @@ def test_agent_run_refuses_a_wiped_state_and_status_shows_policy(tmp_path):
                                       "--json"])  # fmt: skip
     info = json.loads(res.stdout)
     assert info["policy_bundle_sha"] == "b" * 64 and info["policy_noncompliant"] == 0
+
+
+async def test_partial_wipe_result_accepted_keeps_the_key(root, state, tmp_path):
+    key = ed25519.Ed25519PrivateKey.generate()
+    (state.dir / "device.key").write_bytes(b"PRIVATE KEY")
+    state.set(server_url="http://mdm.test", device_id="dev1")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "var" / "lib" / "exit").symlink_to(outside)
+    server = FakeServer([
+        {"run_id": "w1", "kind": "policy", "payload": {
+            "bundle_sha": "a" * 64, "issued_at": "2026-11-23T21:00:00+00:00", "interval_s": 60,
+            "profiles": [], "rules": [], "managed_data": ["/var/lib/acme", "/var/lib/exit/x"],
+            "managed_accounts": []}},
+        {"run_id": "w2", "kind": "wipe", "payload": {"mode": "selective", "dry_run": False}},
+    ])  # fmt: skip
+    client = DeviceClient("http://mdm.test", "dev1", key, ca_pem=None,
+                          transport=httpx.MockTransport(server))  # fmt: skip
+    runtime = AgentRuntime(state, Identity("http://mdm.test", "dev1", key, ""), client=client,
+                           collect=dict, root=root)  # fmt: skip
+    try:
+        await runtime.run_once()  # no DeviceWiped: the wipe was partial
+    finally:
+        await client.aclose()
+    by_run = {r["run_id"]: r for r in server.results}
+    assert by_run["w2"]["state"] == "failed" and "/var/lib/exit/x" in by_run["w2"]["error"]
+    assert by_run["w2"]["result"]["removed"] == ["/var/lib/acme"]
+    assert (state.dir / "device.key").read_bytes() == b"PRIVATE KEY"
+    assert not lockwipe.is_wiped(state)
+
+
+def test_only_a_succeeded_real_wipe_erases():
+    assert lockwipe.wipe_succeeded({"state": "succeeded", "result": {"dry_run": False}})
+    assert not lockwipe.wipe_succeeded({"state": "failed", "result": {"dry_run": False}})
+    assert not lockwipe.wipe_succeeded({"state": "succeeded", "result": {"dry_run": True}})
+    assert not lockwipe.wipe_succeeded(None)

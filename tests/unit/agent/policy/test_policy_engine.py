@@ -84,6 +84,34 @@ async def test_bundle_is_kept_only_when_newer(env):
     assert dup["state"] == "rejected"
 
 
+async def test_bundle_with_the_same_time_and_another_sha_is_applied(env):
+    engine, *_ = env
+    b1 = bundle([MOTD])
+    assert engine.handle(b1)["result"]["applied"] is True
+    resent = bundle([], issued=b1["issued_at"])
+    assert resent["bundle_sha"] != b1["bundle_sha"]
+    assert engine.handle(resent)["result"]["applied"] is True
+    assert engine.store.bundle()["bundle_sha"] == resent["bundle_sha"]
+    # the same instant written another way is still the same time
+    same = bundle([MOTD], issued="2026-11-23T21:00:00Z", note="x")
+    assert engine.handle(same)["result"]["applied"] is True
+    older = bundle([MOTD], issued="2026-11-23T20:59:59+00:00", note="y")
+    assert engine.handle(older)["result"]["applied"] is False
+    assert engine.store.bundle()["bundle_sha"] == same["bundle_sha"]
+
+
+def test_bundle_takes_up_to_ten_thousand_rules():
+    from custos.agent.policy.engine import BundleError, check_bundle
+
+    rules = [{"id": f"file:/etc/f{i}", "type": "file", "path": f"/etc/f{i}"}
+             for i in range(10_000)]  # fmt: skip
+    assert len(check_bundle(bundle(rules))["rules"]) == 10_000
+    with pytest.raises(BundleError, match="at most 10000"):
+        check_bundle(bundle([*rules, {"id": "x", "type": "file"}]))
+    with pytest.raises(BundleError, match="longer than 1200"):
+        check_bundle(bundle([{"id": "f" * 1201, "type": "file"}]))
+
+
 async def test_reports_only_what_changed_with_seq_and_heartbeat(env):
     engine, server, clock, root = env
     engine.handle(bundle([MOTD]))
@@ -209,6 +237,35 @@ def test_report_is_fitted_under_the_size_limit():
     fitted = fit_report(report)
     assert len(json.dumps(fitted).encode()) <= 1_000_000
     assert len(fitted["rules"]) == 2000 and fitted["rules"][0]["detail"] == "x" * 200
+
+
+def _body(report: dict) -> int:
+    return len(json.dumps({"seq": 2**62, **report}, separators=(",", ":"),
+                          ensure_ascii=False).encode())  # fmt: skip
+
+
+def test_a_report_of_ten_thousand_and_one_rules_fits_in_a_mebibyte():
+    ids = [f"setting:ini:/etc/app/service-{i:05d}.conf:main.opt" for i in range(10_001)]
+    report = {"bundle_sha": "s" * 64, "evaluated_at": "2026-11-23T21:00:00+00:00",
+              "clock_offset_s": 0.0,
+              "rules": [{"id": i, "status": "noncompliant", "detail": "é" * 1000} for i in ids],
+              "events": [{"rule_id": ids[n], "kind": "repair_failed", "detail": "x" * 1000,
+                          "at": "2026-11-23T21:00:00+00:00"} for n in range(500)]}  # fmt: skip
+    fitted = fit_report(report)
+    assert _body(fitted) <= 1024 * 1024
+    assert [r["id"] for r in fitted["rules"]] == ids  # every rule is still there
+    assert {r["status"] for r in fitted["rules"]} == {"noncompliant"}
+
+
+def test_a_report_with_very_long_ids_keeps_the_telling_statuses():
+    rules = [{"id": f"{i:05d}" + "p" * 1195, "status": "compliant", "detail": ""}
+             for i in range(10_000)]  # fmt: skip
+    rules[1234]["status"] = "error"
+    rules[9999]["status"] = "noncompliant"
+    fitted = fit_report({"bundle_sha": "s", "rules": rules, "events": []})
+    assert _body(fitted) <= 1024 * 1024 and fitted["rules"]
+    kept = {r["id"][:5]: r["status"] for r in fitted["rules"]}
+    assert kept["01234"] == "error" and kept["09999"] == "noncompliant"
 
 
 # --- software rules ---

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
+import sys
+from pathlib import Path
 
 import pytest
 
-from custos.agent.policy import checks, files, settings
+from custos.agent.policy import base, checks, files, settings
 from custos.agent.policy.base import Context, Sandbox, SandboxError
 from custos.agent.policy.settings import ini_value
 
@@ -129,6 +132,89 @@ async def test_file_owner_is_set_as_root(root, ctx):
     assert (owned.stat().st_uid, owned.stat().st_gid) == (1, 1)
 
 
+linux_only = pytest.mark.skipif(
+    sys.platform != "linux" or not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc"
+)
+
+
+@linux_only
+def test_atomic_write_sets_mode_on_its_own_file_not_a_swapped_in_link(root, tmp_path, monkeypatch):
+    victim = tmp_path / "shadow"
+    victim.write_text("root:secret\n")
+    victim.chmod(0o640)
+    real_fsync = os.fsync
+
+    def swap(fd: int) -> None:
+        # the race: someone who can write the directory swaps the temp file for a link
+        tmp = os.readlink(f"/proc/self/fd/{fd}")
+        if tmp.endswith(".custos"):
+            os.unlink(tmp)
+            os.symlink(victim, tmp)
+        real_fsync(fd)
+
+    monkeypatch.setattr(base.os, "fsync", swap)
+    base.atomic_write(root / "etc" / "motd", b"x\n", 0o666)
+    monkeypatch.undo()
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o640  # never chmod-ed through the link
+    assert victim.read_text() == "root:secret\n"
+
+
+def test_atomic_write_never_opens_an_existing_temp_name(root, tmp_path, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    names = iter(["planted", "fresh"])
+    monkeypatch.setattr(base.secrets, "token_hex", lambda _n: next(names))
+    (root / "etc" / ".motd.planted.custos").symlink_to(victim)
+    base.atomic_write(root / "etc" / "motd", b"new\n", 0o644)
+    assert victim.read_text() == "precious\n" and (root / "etc" / "motd").read_text() == "new\n"
+
+
+def test_mode_repair_refuses_a_link_swapped_in_after_the_check(root, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("secret\n")
+    victim.chmod(0o600)
+    path = root / "etc" / "key"
+    path.write_text("x")
+    st = path.lstat()  # the evaluation saw a regular file ...
+    path.unlink()
+    path.symlink_to(victim)  # ... then it became a link
+    with pytest.raises(OSError, match="not a regular file"):
+        files._repair(path, st, None, 0o644, -1, -1, rewrite=False)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+
+
+def test_mode_repair_of_an_unreadable_own_file(root):
+    path = root / "etc" / "locked"
+    path.write_text("x")
+    path.chmod(0)
+    base.set_mode_owner(path, 0o640)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+async def test_read_limited_refuses_links_and_fifos_without_blocking(root, tmp_path):
+    fifo = root / "etc" / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        await asyncio.wait_for(asyncio.to_thread(base.read_limited, fifo), 5)
+    (tmp_path / "t").write_text("target")
+    (root / "etc" / "link").symlink_to(tmp_path / "t")
+    with pytest.raises(OSError, match="not a regular file"):
+        base.read_limited(root / "etc" / "link")
+    (root / "etc" / "big").write_bytes(b"x" * 11)
+    with pytest.raises(OSError, match="larger than 10"):
+        base.read_limited(root / "etc" / "big", limit=10)
+    assert base.read_limited(root / "etc" / "big", limit=11) == b"x" * 11
+
+
+async def test_file_content_never_appears_in_details(root, ctx):
+    rule = file_rule("/etc/token", content="TOPSECRET\n", mode="0600")
+    (root / "etc" / "token").write_text("OLDSECRET\n")
+    out = await files.evaluate(rule, ctx)
+    text = out.detail + " ".join(d for _, d in out.events)
+    assert out.status == "repaired" and "SECRET" not in text
+
+
 # --- settings ---
 
 
@@ -153,7 +239,8 @@ async def test_ini_keeps_comments_and_other_options(root, ctx):
     rule = {"id": "setting:ini:x", "type": "setting", "provider": "ini", "path": "/etc/acme.ini",
             "section": "main", "option": "level", "value": "high"}  # fmt: skip
     out = await settings.evaluate(rule, ctx)
-    assert out.status == "repaired" and "was 'low ; old'" in out.detail
+    assert out.status == "repaired" and "[main] level differed" in out.detail
+    assert "low" not in out.detail and "high" not in out.detail  # values may be secrets
     text = ini.read_text()
     assert text.startswith("# acme settings\n[main]\nlevel = high\nname: acme\n")
     assert ini_value(ini, "other", "level") == "9"
@@ -189,6 +276,80 @@ async def test_registry_is_unsupported_off_windows(ctx):
             "key": "HKLM\\Software\\Acme", "name": "Level", "value": 3,
             "kind": "dword"}  # fmt: skip
     assert (await settings.evaluate(rule, ctx)).status == "unsupported"
+
+
+INI = {"id": "setting:ini:x", "type": "setting", "provider": "ini", "path": "/etc/acme.ini",
+       "section": "main", "option": "level", "value": "high"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"section": "ma\rin"}, {"option": "le\rvel"}, {"value": "a\u2028b"}, {"value": "a\x0bb"},
+     {"value": "a\x0cb"}, {"value": "a\x1cb"}, {"value": "a\x85b"}, {"value": "a\u2029b"},
+     {"value": "a\x00b"}, {"value": "a\x1bb"}, {"section": " main"}, {"option": "lev=el"},
+     {"value": " padded"}],
+)  # fmt: skip
+async def test_ini_refuses_values_it_could_never_find_again(root, ctx, change):
+    ini = root / "etc" / "acme.ini"
+    ini.write_text("[main]\nlevel = low\n")
+    for _ in range(3):
+        out = await settings.evaluate({**INI, **change}, ctx)
+        assert out.status == "error" and "unusable value" in out.detail
+    assert ini.read_text() == "[main]\nlevel = low\n"  # not grown, not touched
+
+
+async def test_ini_keeps_crlf_line_endings_and_does_not_grow(root, ctx):
+    ini = root / "etc" / "acme.ini"
+    ini.write_bytes(b"[main]\r\nlevel = low\r\nname = acme\r\n\r\n[other]\r\nx = 1\r\n")
+    assert (await settings.evaluate(INI, ctx)).status == "repaired"
+    assert ini.read_bytes() == (
+        b"[main]\r\nlevel = high\r\nname = acme\r\n\r\n[other]\r\nx = 1\r\n"
+    )
+    added = await settings.evaluate({**INI, "option": "mode", "value": "strict"}, ctx)
+    assert added.status == "repaired" and "was missing; set" in added.detail
+    new = await settings.evaluate({**INI, "section": "extra"}, ctx)
+    assert new.status == "repaired"
+    data = ini.read_bytes()
+    assert b"mode = strict\r\n" in data and data.endswith(b"[extra]\r\nlevel = high\r\n")
+    assert data.count(b"\n") == data.count(b"\r\n")  # every line still ends in CRLF
+    for rule in (INI, {**INI, "option": "mode", "value": "strict"}, {**INI, "section": "extra"}):
+        assert (await settings.evaluate(rule, ctx)).status == "compliant"
+    assert ini.read_bytes() == data
+    assert ini_value(ini, "main", "level") == "high"
+
+
+async def test_ini_line_with_a_form_feed_in_the_file_is_one_line(root, ctx):
+    ini = root / "etc" / "acme.ini"
+    ini.write_text("[main]\nnote = a\x0cb\nlevel = low\n")
+    assert (await settings.evaluate(INI, ctx)).status == "repaired"
+    assert ini.read_text() == "[main]\nnote = a\x0cb\nlevel = high\n"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+async def test_ini_on_a_fifo_is_an_error_not_a_hang(root, ctx):
+    os.mkfifo(root / "etc" / "acme.ini")
+    out = await asyncio.wait_for(settings.evaluate(INI, ctx), 5)
+    assert out.status == "error" and "not a regular file" in out.detail
+
+
+async def test_setting_values_never_appear_in_details(root, ctx):
+    knob = root / "proc" / "sys" / "kernel" / "secret"
+    knob.parent.mkdir(parents=True)
+    knob.write_text("OLDVALUE\n")
+    sysctl = {"id": "s", "type": "setting", "provider": "sysctl", "key": "kernel.secret",
+              "value": "NEWVALUE"}  # fmt: skip
+    conf = root / "etc" / "app.json"
+    conf.write_text(json.dumps({"db": {"password": "OLDVALUE"}}))
+    js = {"id": "j", "type": "setting", "provider": "json", "path": "/etc/app.json",
+          "pointer": "/db/password", "value": "NEWVALUE"}  # fmt: skip
+    (root / "etc" / "acme.ini").write_text("[main]\nlevel = OLDVALUE\n")
+    ini = {**INI, "value": "NEWVALUE"}
+    for rule in (sysctl, js, ini, {**js, "pointer": "/db/user"}, {**ini, "option": "user"}):
+        out = await settings.evaluate(rule, ctx)
+        text = out.detail + " ".join(d for _, d in out.events)
+        assert out.status == "repaired" and "VALUE" not in text, text
+        assert out.detail.endswith("; set")
+    assert knob.read_text() == "NEWVALUE\n"
 
 
 # --- checks ---
