@@ -25,7 +25,7 @@ serve: $(STAMP) ## run the server on the embedded default (./var)
 	$(BIN)/custos server
 
 test: $(STAMP) ## run the whole test suite (SQLite and PostgreSQL)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 lint: $(STAMP) ## ruff check, ruff format --check, mypy
 	$(BIN)/ruff check src tests bench

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from e2e_harness import E2E, wait_for
 
-pytestmark = pytest.mark.e2e
+# what is tested here is the agent; the server side runs on PostgreSQL in the fleet tests
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
 
 INTERVAL_S = 10
 
@@ -49,7 +50,6 @@ def _history(e2e: E2E, device_id: str) -> list[dict[str, Any]]:
     return r.json()  # type: ignore[no-any-return]
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="process services need /proc")
 def test_policy_drift_repaired_and_process_restarted_offline_of_the_server(e2e: E2E) -> None:
     marker = f"custos-e2e-daemon-{uuid.uuid4().hex}"
     root = e2e.scratch / "root"
@@ -171,7 +171,6 @@ def test_selective_wipe_removes_managed_data_and_the_agent_stops_for_good(e2e: E
     wait_for("the device to be retired", retired, timeout=30)
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="process services need /proc")
 def test_required_package_installed_by_the_policy_then_its_service_started(
     e2e: E2E, tmp_path: Path
 ) -> None:

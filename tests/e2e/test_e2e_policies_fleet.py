@@ -14,7 +14,12 @@ import httpx
 import pytest
 from e2e_harness import ADMIN_PASSWORD, CHECKIN, CUSTOS, E2E, clean_env, signed_headers, wait_for
 
-pytestmark = pytest.mark.e2e
+# PostgreSQL, the production path (the agent tests beside these run on SQLite)
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.postgres,
+    pytest.mark.parametrize("db_url", ["postgres"], indirect=True),
+]
 
 PROFILE = """\
 name: fleet-baseline
