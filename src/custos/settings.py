@@ -103,6 +103,13 @@ class Settings(BaseSettings):
         le=3600,
         description="how often policy bundles, compliance, actions and lost devices are checked",
     )
+    policy_refresh_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86400,
+        description="how often policy bundles are recomputed for group and label changes "
+        "(policy changes are sent at once)",
+    )
     software_limit_bps: int | None = Field(
         default=None,
         ge=1024,

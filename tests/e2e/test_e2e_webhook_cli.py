@@ -12,7 +12,8 @@ from e2e_harness import ADMIN_PASSWORD, CUSTOS, E2E, clean_env, wait_for
 from custos.webhooks.service import verify_signature
 from webhook_receiver import Answer, Received, Receiver
 
-pytestmark = pytest.mark.e2e
+# the CLI is what is tested here: one database is enough (the services run on both elsewhere)
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
 
 
 def _cli(

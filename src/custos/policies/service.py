@@ -167,12 +167,15 @@ class PolicyService:
         push: PushHub,
         *,
         default_limit_bps: int | None = None,
+        refresh_s: float = 60.0,
     ) -> None:
         self.db = db
         self.commands = commands
         self.push = push
         self.default_limit_bps = default_limit_bps
         self._next_prune = 0.0
+        self._next_reconcile = 0.0
+        self.refresh_s = refresh_s
 
     # --- profiles -------------------------------------------------------------------------
 
@@ -1442,8 +1445,16 @@ class PolicyService:
         return changed
 
     async def tick(self) -> int:
-        """The periodic job: bundles, inventory judgements, actions, lost devices."""
-        n = await self.reconcile()
+        """The periodic job: bundles, inventory judgements, actions, lost devices.
+
+        Bundles are recomputed every `refresh_s` only (reading every device's groups, and
+        its inventory when labels are assigned, is the costly part); policy changes send
+        theirs at once.
+        """
+        n = 0
+        if time.monotonic() >= self._next_reconcile:
+            self._next_reconcile = time.monotonic() + self.refresh_s
+            n += await self.reconcile()
         n += await self.judge_inventory()
         n += await self.act()
         n += await self.tick_lost()

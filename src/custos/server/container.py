@@ -148,7 +148,11 @@ class Services:
             reports=ReportService(db),
             audit=AuditService(db),
             policies=PolicyService(
-                db, commands, push, default_limit_bps=settings.software_limit_bps
+                db,
+                commands,
+                push,
+                default_limit_bps=settings.software_limit_bps,
+                refresh_s=settings.policy_refresh_s,
             ),
             webhooks=WebhookService(db, ca.derive_secret("webhook-secrets")),
         )
