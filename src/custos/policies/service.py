@@ -175,6 +175,7 @@ class PolicyService:
         self.default_limit_bps = default_limit_bps
         self._next_prune = 0.0
         self._next_reconcile = 0.0
+        self._reconciled_at = utcnow()
         self.refresh_s = refresh_s
 
     # --- profiles -------------------------------------------------------------------------
@@ -1452,8 +1453,9 @@ class PolicyService:
         theirs at once.
         """
         n = 0
-        if time.monotonic() >= self._next_reconcile:
+        if time.monotonic() >= self._next_reconcile or await self._enrolled_since_reconcile():
             self._next_reconcile = time.monotonic() + self.refresh_s
+            self._reconciled_at = utcnow()
             n += await self.reconcile()
         n += await self.judge_inventory()
         n += await self.act()
@@ -1462,6 +1464,17 @@ class PolicyService:
             self._next_prune = time.monotonic() + 3600
             await self.prune_history()
         return n
+
+    async def _enrolled_since_reconcile(self) -> bool:
+        """Whether a device enrolled since the last reconcile (it gets its bundle at once)."""
+        async with self.db.read() as s:
+            return bool(
+                await s.scalar(
+                    select(Device.id)
+                    .where(Device.status == "active", Device.enrolled_at >= self._reconciled_at)
+                    .limit(1)
+                )
+            )
 
     async def prune_history(self, now: datetime | None = None) -> int:
         """Delete compliance history older than HISTORY_DAYS (hourly, from the tick)."""
