@@ -603,11 +603,9 @@ async def device_lost(
         except ValueError:
             raise Invalid("auto-wipe after is a whole number of days (empty: never)") from None
         wipes = req.wipe != "none" or req.auto_wipe_days is not None
-        if wipes and not user.can("devices.wipe"):
-            raise Forbidden("wiping needs the devices.wipe permission", code="forbidden")
         scope = user.principal.device_scope("devices.wipe" if wipes else "devices.lock")
         out = await _svc(request).policies.mark_lost(
-            device_id, req, user.principal.username, scope=scope, may_wipe=wipes
+            device_id, req, user.principal.username, scope=scope, may_wipe=user.can("devices.wipe")
         )
     except DomainError as exc:
         return await _device_page(

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from custos import protocol
 from custos.accounts.service import Principal
-from custos.errors import Forbidden, TooLarge
+from custos.errors import TooLarge
 from custos.policies.schemas import (
     MAX_REPORT_BYTES,
     AssignmentIn,
@@ -169,10 +169,10 @@ async def mark_lost(
 ) -> LostOut:
     """Mark a device lost: lock and/or wipe at its next contact, or auto-wipe when silent."""
     wipes = body.wipe != "none" or body.auto_wipe_days is not None
-    if wipes and not who.can("devices.wipe"):
-        raise Forbidden("wiping needs the devices.wipe permission", code="forbidden")
     scope = who.device_scope("devices.wipe" if wipes else "devices.lock")
-    return await svc.policies.mark_lost(ref, body, who.username, scope=scope, may_wipe=wipes)
+    return await svc.policies.mark_lost(
+        ref, body, who.username, scope=scope, may_wipe=who.can("devices.wipe")
+    )
 
 
 @admin_router.post("/devices/{ref}/found", response_model=LostOut)
