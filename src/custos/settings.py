@@ -245,6 +245,22 @@ class Settings(BaseSettings):
     gc_freeze_at_start: bool = True
     # how long a console login lasts
     console_session_ttl_s: int = Field(default=8 * 3600, ge=300, le=30 * 86400)
+    # OMA DM (SyncML DM 1.2): the endpoint's path, this server's identifier towards clients
+    omadm_path: str = Field(default="/omadm", pattern=r"^/[A-Za-z0-9/_.-]{1,100}$")
+    omadm_server_id: str = Field(default="custos", min_length=1, max_length=100)
+    # what this server accepts and tells clients in its MaxMsgSize / MaxObjSize
+    omadm_max_msg_size: int = Field(default=64 * 1024, ge=2048, le=4 * 1024 * 1024)
+    omadm_max_obj_size: int = Field(default=1024 * 1024, ge=4096, le=64 * 1024 * 1024)
+    # where package #0 notifications go when an account has no hook of its own (an HTTP or
+    # SMS gateway that delivers them to the device); empty: only the push channel
+    omadm_notify_url: str = ""
+    # how often a device's DevDetail is read again for the inventory
+    omadm_inventory_interval_s: int = Field(default=6 * 3600, ge=0, le=30 * 86400)
+    # a session not continued within this time is forgotten
+    omadm_session_ttl_s: int = Field(default=3600, ge=60, le=86400)
+    # ask TLS clients for a certificate from the Custos CA (Windows-style DM clients prove
+    # their identity with one); clients without a certificate are not affected
+    omadm_client_certs: bool = True
 
     @field_validator("port")
     @classmethod

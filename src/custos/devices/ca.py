@@ -159,6 +159,34 @@ class CertificateAuthority:
         )
         return builder, not_after
 
+    def issue_client_cert(
+        self, public_key: ec.EllipticCurvePublicKey, device_id: str, unit: str = "custos-omadm"
+    ) -> IssuedDeviceCert:
+        """A TLS client certificate for a device whose key the server generated (OMA DM).
+
+        Such clients (Windows-style DM stacks) take an EC P-256 key in a PKCS#12 file; the
+        certificate's serial identifies the device as an agent's does.
+        """
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, device_id),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
+            ]
+        )
+        builder, not_after = self._builder(subject, public_key, DEVICE_CERT_VALIDITY)
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        cert = builder.sign(self._key, hashes.SHA256())
+        return IssuedDeviceCert(
+            pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+            serial=format(cert.serial_number, "x"),
+            not_after=not_after,
+            public_key=public_key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+        )
+
     def sign_device_csr(self, csr_pem: str, device_id: str) -> IssuedDeviceCert:
         """Check the CSR (Ed25519 key, valid self-signature); issue a certificate for device_id."""
         try:

@@ -20,6 +20,7 @@ from custos.commands import routes as command_routes
 from custos.console import routes as console_routes
 from custos.db.engine import Database
 from custos.devices import routes as device_routes
+from custos.omadm import routes as omadm_routes
 from custos.policies import routes as policy_routes
 from custos.push import routes as push_routes
 from custos.push.hub import build_push
@@ -59,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
         jobs.every(60, "refresh-report-summary", svc.reports.tick)
         jobs.every(settings.policy_tick_s, "policies", svc.policies.tick)
         jobs.every(2, "deliver-webhooks", svc.webhooks.deliver_due)
+        jobs.every(600, "omadm-sessions", svc.omadm.prune_sessions)
         online_within = max(3 * settings.checkin_interval_s, 120)
         jobs.every(
             min(60, settings.fleet_snapshot_s),
@@ -141,10 +143,12 @@ def create_app(settings: Settings) -> FastAPI:
         report_routes.router,
         audit_routes.router,
         webhook_routes.router,
+        omadm_routes.admin_router,
         policy_routes.admin_router,
         policy_routes.device_router,
     ):
         app.include_router(r)
+    omadm_routes.install(app, settings.omadm_path)
     # the web console: its pages, /console/static and `/` redirecting to it
     console_routes.install(app)
     return app

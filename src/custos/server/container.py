@@ -17,6 +17,7 @@ from custos.devices.ca import CertificateAuthority
 from custos.devices.checkin import DeviceCheckin
 from custos.devices.identity import DeviceAuthenticator
 from custos.devices.service import DeviceService, EnrollmentService
+from custos.omadm.service import OmadmService
 from custos.policies.service import PolicyService
 from custos.push.hub import Event, PushHub
 from custos.push.wire import PushSockets
@@ -81,6 +82,7 @@ class Services:
     audit: AuditService
     policies: PolicyService
     webhooks: WebhookService
+    omadm: OmadmService
 
     @classmethod
     def build(
@@ -155,6 +157,7 @@ class Services:
                 refresh_s=settings.policy_refresh_s,
             ),
             webhooks=WebhookService(db, ca.derive_secret("webhook-secrets")),
+            omadm=OmadmService(db, ca, commands, settings, ca.derive_secret("omadm-secrets")),
         )
 
     async def resync_caches(self) -> None:

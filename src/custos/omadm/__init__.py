@@ -1,0 +1,1 @@
+"""OMA DM (SyncML DM 1.2): codecs, session state machine and management objects."""

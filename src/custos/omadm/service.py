@@ -1,0 +1,1054 @@
+"""The OMA DM server: accounts, the session state machine, node operations, package #0.
+
+One HTTP request is one SyncML message. Its session's state (message ids, authentication,
+the commands awaiting a Status, partial results, large-object chunks, the last answer for a
+retransmission) lives in `omadm_sessions`, read and written in the request's transaction, so
+any server process can continue a session and a dropped connection loses nothing.
+
+Node operations are ordinary command runs (kind `omadm`) queued through CommandService: they
+appear in the command history, are delivered once and closed by the device's Statuses.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import secrets
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+from xml.etree.ElementTree import Element
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from custos.commands.schemas import DeliveredCommand, RunResult
+from custos.commands.service import CommandService
+from custos.db.base import utcnow
+from custos.db.engine import Database, UnitOfWork
+from custos.devices.ca import CertificateAuthority
+from custos.devices.models import Device, Group, device_groups
+from custos.devices.schemas import InventoryDelta
+from custos.devices.scope import Scope, in_scope
+from custos.devices.service import apply_inventory, resolve_device
+from custos.errors import Conflict, Invalid, NotFound
+from custos.omadm import auth, codec, notification
+from custos.omadm import message as m
+from custos.omadm.models import OmadmAccount, OmadmSession
+from custos.omadm.schemas import (
+    AccountCreate,
+    AccountCreated,
+    AccountOut,
+    OpsQueued,
+    OpsRequest,
+)
+from custos.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# SyncML status codes used here
+OK, ACCEPTED, AUTH_ACCEPTED, CHUNK_ACCEPTED = 200, 202, 212, 213
+BAD_REQUEST, INVALID_CRED, FORBIDDEN, NOT_FOUND = 400, 401, 403, 404
+NOT_SUPPORTED, MISSING_CRED, TOO_LARGE, SIZE_MISMATCH = 406, 407, 413, 424
+NOT_EXECUTED, COMMAND_FAILED = 215, 500
+
+ALERT_SERVER_INITIATED, ALERT_CLIENT_INITIATED = "1200", "1201"
+ALERT_NEXT_MESSAGE, ALERT_SESSION_ABORT, ALERT_GENERIC = "1222", "1223", "1226"
+
+# read at the start of a session when the inventory is due (a leaf Get each: 404 is fine)
+DEVDETAIL_NODES = (
+    "./DevDetail/DevTyp",
+    "./DevDetail/OEM",
+    "./DevDetail/FwV",
+    "./DevDetail/SwV",
+    "./DevDetail/HwV",
+    "./DevDetail/LrgObj",
+    "./DevDetail/Ext/Microsoft/OSPlatform",
+    "./DevDetail/Ext/Microsoft/DNSComputerName",
+)
+# nodes whose values also fill the inventory keys native agents use
+INVENTORY_KEYS = {
+    "./DevInfo/Man": "hw.manufacturer",
+    "./DevInfo/Mod": "hw.model",
+    "./DevInfo/Lang": "os.lang",
+    "./DevInfo/DmV": "omadm.dm_version",
+    "./DevDetail/SwV": "os.version",
+    "./DevDetail/FwV": "hw.firmware",
+    "./DevDetail/HwV": "hw.version",
+    "./DevDetail/OEM": "hw.oem",
+    "./DevDetail/DevTyp": "hw.type",
+    "./DevDetail/Ext/Microsoft/OSPlatform": "os.name",
+    "./DevDetail/Ext/Microsoft/DNSComputerName": "os.hostname",
+}
+MAX_INVENTORY_VALUE = 4096
+MAX_FAILURES = 10
+LOCK_S = 300
+MAX_RUNS_PER_MESSAGE = 20
+RUN_OUTPUT_LIMIT = 64 * 1024
+
+
+@dataclass
+class Peer:
+    """What the transport knows about the client."""
+
+    client_cert_der: bytes | None = None
+    hmac: str | None = None
+    url: str = ""
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _plain(status: int, text: str) -> Reply:
+    return Reply(status, (text + "\n").encode(), "text/plain; charset=utf-8")
+
+
+def inventory_key(uri: str) -> str:
+    """The raw inventory key of a node: `./DevDetail/SwV` → `dm/DevDetail/SwV`."""
+    return "dm" + uri[1:] if uri.startswith("./") else "dm/" + uri
+
+
+class _Out:
+    """A response message being built: command ids, elements and their size."""
+
+    def __init__(self, limit: int) -> None:
+        self.next_id = 1
+        self.elements: list[Element] = []
+        self.size = 600  # header, Final and the encoding's overhead
+        self.limit = limit
+        self.management = 0
+
+    def cmd_id(self) -> str:
+        n = self.next_id
+        self.next_id += 1
+        return str(n)
+
+    def add(self, cmd: m.Command, *, management: bool = False) -> bool:
+        el = m.command_element(cmd)
+        size = len(codec.to_xml(el))
+        if management and self.management and self.size + size > self.limit:
+            return False
+        self.elements.append(el)
+        self.size += size
+        if management:
+            self.management += 1
+        return True
+
+
+class OmadmService:
+    def __init__(
+        self,
+        db: Database,
+        ca: CertificateAuthority,
+        commands: CommandService,
+        settings: Settings,
+        secret: bytes,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.db = db
+        self.ca = ca
+        self.commands = commands
+        self.settings = settings
+        self._aead = AESGCM(secret)
+        self._transport = transport
+
+    # ------------------------------------------------------------ secrets at rest
+
+    def _seal(self, text: str) -> str:
+        nonce = secrets.token_bytes(12)
+        return base64.b64encode(nonce + self._aead.encrypt(nonce, text.encode(), b"omadm")).decode()
+
+    def _unseal(self, sealed: str) -> str:
+        raw = base64.b64decode(sealed)
+        return self._aead.decrypt(raw[:12], raw[12:], b"omadm").decode()
+
+    # ------------------------------------------------------------ accounts
+
+    async def enroll(self, req: AccountCreate, created_by: str) -> AccountCreated:
+        """A new OMA DM device: a device row, a client certificate and a DM account."""
+        if req.notify_url:
+            from custos.webhooks.service import check_url
+
+            check_url(req.notify_url)
+        client_name = req.client_name or req.dev_id
+        client_password = req.client_password or secrets.token_urlsafe(18)
+        server_password = req.server_password or secrets.token_urlsafe(18)
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = utcnow()
+        async with self.db.transaction() as uow:
+            s = uow.session
+            if await s.scalar(select(OmadmAccount.id).where(OmadmAccount.dev_id == req.dev_id)):
+                raise Conflict(f"an OMA DM device with DevId {req.dev_id!r} exists")
+            from custos.db.base import new_id
+
+            device_id = new_id()
+            issued = self.ca.issue_client_cert(key.public_key(), device_id)
+            name = (req.name or req.dev_id)[:255]
+            s.add(
+                Device(
+                    id=device_id,
+                    name=name,
+                    status="active",
+                    public_key=issued.public_key,
+                    cert_serial=issued.serial,
+                    cert_pem=issued.pem,
+                    cert_not_after=issued.not_after,
+                    facts={"omadm.dev_id": req.dev_id},
+                    enrolled_at=now,
+                    agent_version="omadm",
+                    inventory={},
+                    inventory_version=0,
+                )
+            )
+            account = OmadmAccount(
+                device_id=device_id,
+                dev_id=req.dev_id,
+                auth=req.auth,
+                client_name=client_name,
+                client_ha1_sealed=self._seal(auth.ha1(client_name, client_password)),
+                server_id=self.settings.omadm_server_id,
+                server_password_sealed=self._seal(server_password),
+                client_nonce=auth.new_nonce(),
+                server_nonce=auth.new_nonce(),
+                notify_url=req.notify_url,
+                created_at=now,
+            )
+            s.add(account)
+            await s.flush()
+            if req.group:
+                gid = await s.scalar(select(Group.id).where(Group.name == req.group))
+                if gid is None:
+                    raise NotFound(f"no group named {req.group!r}")
+                await s.execute(device_groups.insert().values(device_id=device_id, group_id=gid))
+            from custos.webhooks.service import emit
+
+            await emit(
+                s,
+                "device.enrolled",
+                {
+                    "device_id": device_id,
+                    "name": name,
+                    "enrolled_at": now,
+                    "agent_version": "omadm",
+                },
+            )
+            client_nonce, server_nonce = account.client_nonce, account.server_nonce
+        log.info("omadm device %s enrolled by %s (%s auth)", req.dev_id, created_by, req.auth)
+        return AccountCreated(
+            device_id=device_id,
+            dev_id=req.dev_id,
+            name=name,
+            auth=req.auth,
+            server_id=self.settings.omadm_server_id,
+            server_url=self.settings.omadm_path,
+            client_name=client_name,
+            client_password=client_password,
+            server_password=server_password,
+            client_nonce=client_nonce,
+            server_nonce=server_nonce,
+            certificate=issued.pem,
+            private_key=key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ).decode(),
+            ca_certificate=self.ca.cert_pem,
+        )
+
+    async def list_accounts(self, scope: Scope = None) -> list[AccountOut]:
+        async with self.db.read() as s:
+            stmt = select(OmadmAccount, Device.name).join(
+                Device, Device.id == OmadmAccount.device_id
+            )
+            stmt = stmt.where(in_scope(Device.id, scope))
+            rows = (await s.execute(stmt.order_by(Device.name))).all()
+        return [
+            AccountOut(
+                device_id=a.device_id,
+                name=name,
+                dev_id=a.dev_id,
+                auth=a.auth,
+                server_id=a.server_id,
+                client_name=a.client_name,
+                last_session_at=a.last_session_at,
+                inventory_at=a.inventory_at,
+                notified_at=a.notified_at,
+                locked_until=a.locked_until,
+            )
+            for a, name in rows
+        ]
+
+    # ------------------------------------------------------------ node operations
+
+    async def queue_ops(
+        self, ref: str, req: OpsRequest, created_by: str, scope: Scope = None
+    ) -> OpsQueued:
+        """Queue node operations for a device's next session, then wake it with package #0."""
+        async with self.db.transaction() as uow:
+            s = uow.session
+            device = await resolve_device(s, ref, scope)
+            if device.status != "active":
+                raise Invalid(f"device {device.name} is {device.status}")
+            account = await s.scalar(
+                select(OmadmAccount).where(OmadmAccount.device_id == device.id)
+            )
+            if account is None:
+                raise Invalid(f"device {device.name} is not an OMA DM device", code="not_omadm")
+            payload: dict[str, Any] = {"ops": [op.model_dump(exclude_none=True) for op in req.ops]}
+            if req.atomic:
+                payload["atomic"] = True
+            verbs = ",".join(sorted({op.verb for op in req.ops}))
+            command_id = await self.commands.queue(
+                uow,
+                kind="omadm",
+                payload=payload,
+                target=f"device:{device.id}",
+                device_ids=[device.id],
+                created_by=created_by,
+            )
+            from custos.commands.models import CommandRun
+
+            run_id = await s.scalar(
+                select(CommandRun.id).where(CommandRun.command_id == command_id)
+            )
+            device_id = device.id
+        log.info("omadm %s queued for %s by %s", verbs, device_id, created_by)
+        notified, detail = False, "not requested"
+        if req.notify:
+            notified, detail = await self.notify(device_id)
+        return OpsQueued(
+            command_id=command_id,
+            run_id=str(run_id),
+            device_id=device_id,
+            notified=notified,
+            notify_detail=detail,
+        )
+
+    async def device_id(self, ref: str, scope: Scope = None) -> str:
+        """The id of an OMA DM device by id or name (not found outside the scope)."""
+        async with self.db.read() as s:
+            device = await resolve_device(s, ref, scope)
+            if not await s.scalar(
+                select(OmadmAccount.id).where(OmadmAccount.device_id == device.id)
+            ):
+                raise Invalid(f"device {device.name} is not an OMA DM device", code="not_omadm")
+            return device.id
+
+    # ------------------------------------------------------------ package #0
+
+    async def package0(self, device_id: str, ui_mode: int = notification.UI_BACKGROUND) -> bytes:
+        """A fresh package #0 for the device, recording its session id."""
+        async with self.db.transaction() as uow:
+            account = await uow.session.scalar(
+                select(OmadmAccount).where(OmadmAccount.device_id == device_id).with_for_update()
+            )
+            if account is None:
+                raise NotFound("not an OMA DM device")
+            session_id = secrets.randbelow(0xFFFF) + 1
+            server_ha1 = auth.ha1(account.server_id, self._unseal(account.server_password_sealed))
+            data = notification.build(
+                notification.Notification(
+                    server_id=account.server_id, session_id=session_id, ui_mode=ui_mode
+                ),
+                server_ha1,
+                auth.unb64(account.server_nonce),
+            )
+            account.notified_session = session_id
+            account.notified_at = utcnow()
+        return data
+
+    async def notify(self, device_id: str) -> tuple[bool, str]:
+        """Send package #0 to the device's hook (or the server default); (sent, detail)."""
+        async with self.db.read() as s:
+            account = await s.scalar(
+                select(OmadmAccount).where(OmadmAccount.device_id == device_id)
+            )
+        if account is None:
+            return False, "not an OMA DM device"
+        url = account.notify_url or self.settings.omadm_notify_url
+        if not url:
+            return False, "no notification hook: the device sees the work at its next session"
+        data = await self.package0(device_id)
+        try:
+            async with httpx.AsyncClient(
+                timeout=10, transport=self._transport, follow_redirects=False
+            ) as client:
+                resp = await client.post(
+                    url,
+                    content=data,
+                    headers={
+                        "content-type": codec.NOTIFICATION_TYPE,
+                        "x-custos-device": device_id,
+                        "x-omadm-devid": account.dev_id,
+                    },
+                )
+        except httpx.HTTPError as exc:
+            log.warning("package #0 for %s: %s", device_id, type(exc).__name__)
+            return False, f"notification hook unreachable: {type(exc).__name__}"
+        if resp.status_code >= 300:
+            return False, f"notification hook answered HTTP {resp.status_code}"
+        return True, f"package #0 delivered ({len(data)} bytes)"
+
+    # ------------------------------------------------------------ the endpoint
+
+    async def handle(self, body: bytes, content_type: str | None, peer: Peer) -> Reply:
+        """Answer one SyncML message."""
+        try:
+            root, kind = codec.decode(body, content_type)
+            msg = m.parse(root)
+        except (codec.CodecError, m.MessageError) as exc:
+            return _plain(400, f"not a SyncML DM message: {exc}")
+        try:
+            msg_no = int(msg.header.msg_id)
+        except ValueError:
+            return _plain(400, "MsgID is not a number")
+        async with self.db.transaction() as uow:
+            session = _Session(self, uow, msg, msg_no, body, kind, peer)
+            reply = await session.run()
+        return reply
+
+    async def prune_sessions(self) -> int:
+        """Forget sessions idle for longer than the TTL (a periodic job)."""
+        cutoff = utcnow() - timedelta(seconds=self.settings.omadm_session_ttl_s)
+        async with self.db.transaction() as uow:
+            res = await uow.session.execute(
+                delete(OmadmSession).where(OmadmSession.updated_at < cutoff)
+            )
+        return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+
+class _Session:
+    """One message of one session, inside the request's transaction."""
+
+    def __init__(
+        self,
+        svc: OmadmService,
+        uow: UnitOfWork,
+        msg: m.Message,
+        msg_no: int,
+        body: bytes,
+        kind: str,
+        peer: Peer,
+    ) -> None:
+        self.svc = svc
+        self.uow = uow
+        self.s: AsyncSession = uow.session
+        self.msg = msg
+        self.msg_no = msg_no
+        self.body = body
+        self.kind = kind
+        self.peer = peer
+        self.now = utcnow()
+        self.account: OmadmAccount | None = None
+        self.device: Device | None = None
+        self.row: OmadmSession | None = None
+        self.state: dict[str, Any] = {}
+        self.inventory: dict[str, str] = {}
+        self.results: list[RunResult] = []
+        limit = msg.header.meta.max_msg_size if msg.header.meta else None
+        self.out = _Out(min(limit or svc.settings.omadm_max_msg_size, 4 * 1024 * 1024))
+        self.client_obj_limit = (
+            msg.header.meta.max_obj_size
+            if msg.header.meta and msg.header.meta.max_obj_size
+            else None
+        )
+
+    # -------------------------------------------------------------- main
+
+    async def run(self) -> Reply:
+        h = self.msg.header
+        settings = self.svc.settings
+        self.account = await self.s.scalar(
+            select(OmadmAccount).where(OmadmAccount.dev_id == h.source).with_for_update()
+        )
+        if self.account is None:
+            # nothing is written for an unknown device
+            return self._header_only(INVALID_CRED, chal_type=auth.AUTH_BASIC)
+        account = self.account
+        self.device = await self.s.get(Device, account.device_id)
+        if self.device is None or self.device.status != "active":
+            return self._header_only(FORBIDDEN)
+        if account.locked_until is not None and account.locked_until > self.now:
+            return self._header_only(INVALID_CRED)
+        await self._load_row()
+        row = self.row
+        assert row is not None
+        sha = hashlib.sha256(self.body).hexdigest()
+        if self.msg_no == row.client_msg_id and sha == row.last_request_sha and row.last_response:
+            headers = {"x-syncml-hmac": row.last_response_hmac} if row.last_response_hmac else {}
+            return Reply(200, row.last_response, row.last_response_type, headers)
+        if self.msg_no <= row.client_msg_id:
+            return self._header_only(BAD_REQUEST)
+        row.client_msg_id = self.msg_no
+        row.server_msg_id += 1
+        self.state = dict(row.state or {})
+        status, chal = self._authenticate()
+        hdr_status = m.Command(
+            name="Status",
+            cmd_id=self.out.cmd_id(),
+            msg_ref=h.msg_id,
+            cmd_ref="0",
+            cmd="SyncHdr",
+            target_ref=h.target or None,
+            source_ref=h.source,
+            data=str(status),
+            chal=chal,
+        )
+        self.out.add(hdr_status)
+        if status in (OK, AUTH_ACCEPTED):
+            await self._process()
+            if self.results:
+                # closed before new work is taken, or a run just answered would be sent again
+                await self.svc.commands.record_results(self.s, account.device_id, self.results)
+                self.results = []
+            if self.msg.final and not self.state.get("ended"):
+                await self._send_management()
+        else:
+            # the commands were not looked at: the client sends them again with credentials
+            for cmd in self.msg.commands:
+                if cmd.name != "Status":
+                    self._status(cmd, NOT_EXECUTED)
+        final = self.msg.final or status not in (OK, AUTH_ACCEPTED)
+        if not self.msg.final and status in (OK, AUTH_ACCEPTED):
+            self.out.add(m.Command(name="Alert", cmd_id=self.out.cmd_id(), data=ALERT_NEXT_MESSAGE))
+        if self.out.management == 0 and self.msg.final and status in (OK, AUTH_ACCEPTED):
+            # a package without management commands ends the session
+            self.state["ended"] = True
+        if self.results:
+            await self.svc.commands.record_results(self.s, account.device_id, self.results)
+        if self.inventory:
+            await self._apply_inventory()
+        return self._finish(final, settings)
+
+    # -------------------------------------------------------------- session row
+
+    async def _load_row(self) -> None:
+        assert self.account is not None
+        h = self.msg.header
+        row = await self.s.scalar(
+            select(OmadmSession)
+            .where(
+                OmadmSession.account_id == self.account.id,
+                OmadmSession.session_id == h.session_id,
+            )
+            .with_for_update()
+        )
+        stale = row is not None and (
+            row.updated_at < self.now - timedelta(seconds=self.svc.settings.omadm_session_ttl_s)
+            or (row.ended and self.msg_no == 1)
+            or (
+                self.msg_no == 1
+                and row.client_msg_id >= 1
+                and row.last_request_sha != hashlib.sha256(self.body).hexdigest()
+            )
+        )
+        if row is not None and stale:
+            await self.s.delete(row)
+            await self.s.flush()
+            row = None
+        if row is None:
+            row = OmadmSession(
+                account_id=self.account.id,
+                session_id=h.session_id,
+                client_msg_id=0,
+                server_msg_id=0,
+                authenticated=False,
+                auth_method="",
+                failures=0,
+                state={},
+                started_at=self.now,
+                updated_at=self.now,
+                last_request_sha="",
+                last_response=b"",
+                last_response_type="",
+                last_response_hmac="",
+                ended=False,
+            )
+            self.s.add(row)
+            try:
+                async with self.s.begin_nested():
+                    await self.s.flush()
+            except IntegrityError:
+                raise Conflict("the session is being continued by another request") from None
+        self.row = row
+
+    # -------------------------------------------------------------- authentication
+
+    def _authenticate(self) -> tuple[int, m.Meta | None]:
+        account, row = self.account, self.row
+        assert account is not None and row is not None
+        h = self.msg.header
+        method = account.auth
+        client_ha1 = self.svc._unseal(account.client_ha1_sealed)
+        ok = False
+        given = h.cred is not None or self.peer.hmac is not None
+        if self.peer.client_cert_der is not None and self._cert_matches():
+            ok, used = True, "cert"
+        elif method == "cert":
+            used = "cert"
+        elif method == "hmac":
+            used = "hmac"
+            if self.peer.hmac:
+                try:
+                    ok = auth.check_hmac(
+                        self.peer.hmac,
+                        account.client_name,
+                        client_ha1,
+                        auth.unb64(account.client_nonce),
+                        self.body,
+                    )
+                except auth.AuthError:
+                    ok = False
+        elif h.cred is not None:
+            used = "md5" if h.cred.type == auth.AUTH_MD5 else "basic"
+            try:
+                if used == "md5":
+                    ok = auth.check_md5(h.cred.data, client_ha1, auth.unb64(account.client_nonce))
+                elif method == "basic":
+                    ok = auth.check_basic(h.cred.data, account.client_name, client_ha1)
+            except auth.AuthError:
+                ok = False
+        else:
+            used = method
+        if (
+            not ok
+            and not given
+            and row.authenticated
+            and row.auth_method in ("md5", "basic", "cert")
+        ):
+            return OK, None
+        chal_type = {"md5": auth.AUTH_MD5, "hmac": auth.AUTH_HMAC, "basic": auth.AUTH_BASIC}.get(
+            method
+        )
+        if ok:
+            first = not row.authenticated
+            row.authenticated = True
+            row.auth_method = used
+            account.failures = 0
+            chal = None
+            if used in ("md5", "hmac"):
+                # a fresh nonce for the client's next credentials
+                account.client_nonce = auth.new_nonce()
+                chal = m.Meta(format="b64", type=chal_type, next_nonce=account.client_nonce)
+            if first or h.cred is not None or used == "hmac":
+                return AUTH_ACCEPTED, chal
+            return OK, chal
+        row.failures += 1
+        account.failures += 1
+        if account.failures >= MAX_FAILURES:
+            account.locked_until = self.now + timedelta(seconds=LOCK_S)
+            log.warning(
+                "omadm account %s locked after %d failures", account.dev_id, account.failures
+            )
+        if chal_type is None:
+            return (INVALID_CRED if given else MISSING_CRED), None
+        if method in ("md5", "hmac"):
+            account.client_nonce = auth.new_nonce()
+        chal = m.Meta(
+            format="b64",
+            type=chal_type,
+            next_nonce=account.client_nonce if method in ("md5", "hmac") else None,
+        )
+        return (INVALID_CRED if given else MISSING_CRED), chal
+
+    def _cert_matches(self) -> bool:
+        assert self.device is not None and self.peer.client_cert_der is not None
+        try:
+            cert = x509.load_der_x509_certificate(self.peer.client_cert_der)
+        except ValueError:
+            return False
+        return format(cert.serial_number, "x") == self.device.cert_serial
+
+    # -------------------------------------------------------------- the client's commands
+
+    def _status(self, cmd: m.Command, code: int, items: list[m.Item] | None = None) -> None:
+        if cmd.no_resp:
+            return
+        target = cmd.items[0].target if len(cmd.items) == 1 else None
+        source = cmd.items[0].source if len(cmd.items) == 1 else None
+        self.out.add(
+            m.Command(
+                name="Status",
+                cmd_id=self.out.cmd_id(),
+                msg_ref=self.msg.header.msg_id,
+                cmd_ref=cmd.cmd_id or "0",
+                cmd=cmd.name,
+                target_ref=target,
+                source_ref=source,
+                data=str(code),
+            )
+        )
+
+    async def _process(self) -> None:
+        cmds = self.msg.commands
+        # Results before Statuses: a Get's Status closes it, its Results carry the value
+        for cmd in (c for c in cmds if c.name == "Results" and not c.error):
+            self._on_results(cmd)
+        for cmd in cmds:
+            if cmd.error:
+                self._status(cmd, NOT_SUPPORTED if cmd.error.startswith("unknown") else BAD_REQUEST)
+            elif cmd.name == "Status":
+                self._on_status(cmd)
+            elif cmd.name == "Results":
+                self._status(cmd, OK)
+            elif cmd.name == "Alert":
+                self._on_alert(cmd)
+            elif cmd.name in ("Replace", "Add"):
+                self._status(cmd, self._on_report(cmd))
+            else:
+                # a client has no business asking a server to Get/Delete/Exec/Copy
+                self._status(cmd, NOT_SUPPORTED)
+        self._close_answered()
+
+    def _on_alert(self, cmd: m.Command) -> None:
+        code = (cmd.data or "").strip()
+        if code in (ALERT_CLIENT_INITIATED, ALERT_SERVER_INITIATED):
+            self.state["initiated"] = code
+        elif code == ALERT_SESSION_ABORT:
+            self.state["ended"] = True
+        elif code == ALERT_GENERIC:
+            alerts = self.state.setdefault("generic_alerts", [])
+            for item in cmd.items[:10]:
+                if len(alerts) < 50:
+                    alerts.append(
+                        {
+                            "source": item.source,
+                            "type": item.meta.type if item.meta else None,
+                            "data": (item.data or "")[:1000],
+                            "correlator": cmd.correlator,
+                        }
+                    )
+        self._status(cmd, OK)
+
+    def _chunk(self, key: str, item: m.Item) -> str | None:
+        """Join MoreData chunks: the whole value on the last chunk, None while more come."""
+        chunks = self.state.setdefault("chunks", {})
+        so_far = chunks.get(key, "") + (item.data or "")
+        limit = self.svc.settings.omadm_max_obj_size
+        if len(so_far) > limit:
+            chunks.pop(key, None)
+            raise ValueError(f"object larger than {limit} bytes")
+        if item.more_data:
+            chunks[key] = so_far
+            return None
+        chunks.pop(key, None)
+        return so_far
+
+    def _on_report(self, cmd: m.Command) -> int:
+        """Replace/Add from the client: values of its nodes (DevInfo in package 1)."""
+        code = OK
+        for item in cmd.items:
+            uri = item.source or item.target
+            if not uri:
+                code = BAD_REQUEST
+                continue
+            try:
+                value = self._chunk(f"in:{uri}", item)
+            except ValueError:
+                return TOO_LARGE
+            if value is None:
+                code = CHUNK_ACCEPTED
+                continue
+            self._note_value(uri, value)
+        return code
+
+    def _note_value(self, uri: str, value: str) -> None:
+        if len(uri) > 200:
+            return
+        value = value[:MAX_INVENTORY_VALUE]
+        self.inventory[inventory_key(uri)] = value
+        mapped = INVENTORY_KEYS.get(uri)
+        if mapped:
+            self.inventory[mapped] = value
+
+    def _on_results(self, cmd: m.Command) -> None:
+        key = f"{cmd.msg_ref or self.state.get('last_sent_msg', '')}:{cmd.cmd_ref}"
+        entry = self.state.get("out", {}).get(key)
+        for item in cmd.items:
+            uri = item.source or item.target or (entry or {}).get("target")
+            if not uri:
+                continue
+            try:
+                value = self._chunk(f"res:{key}:{uri}", item)
+            except ValueError:
+                if entry is not None:
+                    entry["error"] = "result larger than the object limit"
+                continue
+            if value is None:
+                continue
+            self._note_value(uri, value)
+            if entry is not None:
+                entry.setdefault("data", value)
+
+    def _on_status(self, cmd: m.Command) -> None:
+        account = self.account
+        assert account is not None
+        if cmd.cmd == "SyncHdr" or cmd.cmd_ref == "0":
+            code = (cmd.data or "").strip()
+            if cmd.chal is not None and cmd.chal.next_nonce:
+                # the client wants this server's next credentials made with this nonce
+                try:
+                    auth.unb64(cmd.chal.next_nonce)
+                    account.server_nonce = cmd.chal.next_nonce
+                except auth.AuthError:
+                    pass
+            self.state["server_authenticated"] = code in ("200", "212")
+            return
+        key = f"{cmd.msg_ref}:{cmd.cmd_ref}"
+        entry = self.state.get("out", {}).get(key)
+        if entry is None:
+            return
+        entry["status"] = (cmd.data or "").strip()[:10]
+
+    def _close_answered(self) -> None:
+        """Commands with a Status are done; their runs close once all their commands are."""
+        out: dict[str, dict[str, Any]] = self.state.get("out", {})
+        runs: dict[str, dict[str, Any]] = self.state.setdefault("runs", {})
+        for key in [k for k, e in out.items() if "status" in e]:
+            entry = out.pop(key)
+            if entry.get("kind") == "inv":
+                if entry["status"] == "200":
+                    self.state["inventory_read"] = True
+                continue
+            run = runs.get(entry.get("run", ""))
+            if run is None:
+                continue
+            if entry.get("kind") == "wrap":
+                run["wrap_status"] = entry["status"]
+                continue
+            op = run["ops"][entry["i"]]
+            op["status"] = int(entry["status"]) if entry["status"].isdigit() else 0
+            if "data" in entry:
+                op["data"] = entry["data"][:RUN_OUTPUT_LIMIT]
+            if "error" in entry:
+                op["error"] = entry["error"]
+        for run_id, run in list(runs.items()):
+            if any("status" not in op for op in run["ops"]):
+                continue
+            runs.pop(run_id)
+            self.results.append(_run_result(run_id, run, self.now))
+
+    # -------------------------------------------------------------- management commands
+
+    async def _send_management(self) -> None:
+        if self.state.get("out"):
+            return  # still waiting for Statuses of what was sent before
+        account = self.account
+        assert account is not None
+        interval = self.svc.settings.omadm_inventory_interval_s
+        due = account.inventory_at is None or account.inventory_at < self.now - timedelta(
+            seconds=interval
+        )
+        if due and not self.state.get("inventory_sent"):
+            self.state["inventory_sent"] = True
+            account.inventory_at = self.now
+            for uri in DEVDETAIL_NODES:
+                cmd = m.Command(name="Get", cmd_id=self.out.cmd_id(), items=[m.Item(target=uri)])
+                self.out.add(cmd, management=True)
+                self._expect(cmd.cmd_id, {"kind": "inv", "target": uri})
+            return
+        later: list[dict[str, Any]] = self.state.pop("later", [])
+        work = [DeliveredCommand.model_validate(w) for w in later]
+        if len(work) < MAX_RUNS_PER_MESSAGE:
+            work += await self.svc.commands.take_pending(
+                self.s, account.device_id, MAX_RUNS_PER_MESSAGE - len(work)
+            )
+        for i, run in enumerate(work):
+            if not self._deliver(run):
+                self.state["later"] = [w.model_dump(mode="json") for w in work[i:]]
+                break
+
+    def _expect(self, cmd_id: str, entry: dict[str, Any]) -> None:
+        assert self.row is not None
+        self.state.setdefault("out", {})[f"{self.row.server_msg_id}:{cmd_id}"] = entry
+
+    def _deliver(self, run: DeliveredCommand) -> bool:
+        """Add one run's commands to the message; False when they do not fit in it."""
+        if run.kind != "omadm":
+            self.results.append(
+                RunResult(
+                    run_id=run.run_id,
+                    state="rejected",
+                    error=f"{run.kind!r} commands cannot run on an OMA DM device",
+                    finished_at=self.now,
+                )
+            )
+            return True
+        ops = list(run.payload.get("ops", []))
+        before = self.out.next_id
+        wrap = (
+            m.Command(name="Atomic", cmd_id=self.out.cmd_id())
+            if run.payload.get("atomic")
+            else None
+        )
+        cmds: list[m.Command] = []
+        for i, op in enumerate(ops):
+            data = op.get("data")
+            if data is not None and self.client_obj_limit and len(data) > self.client_obj_limit:
+                self.out.next_id = before
+                self.results.append(
+                    RunResult(
+                        run_id=run.run_id,
+                        state="failed",
+                        error=f"op {i + 1}: data larger than the device's MaxObjSize "
+                        f"({self.client_obj_limit})",
+                        finished_at=self.now,
+                    )
+                )
+                return True
+            meta = None
+            if op.get("format") or op.get("type"):
+                meta = m.Meta(format=op.get("format"), type=op.get("type"))
+            item = m.Item(target=op["target"], source=op.get("source"), data=data)
+            cmds.append(
+                m.Command(name=op["verb"], cmd_id=self.out.cmd_id(), meta=meta, items=[item])
+            )
+        if wrap is not None:
+            wrap.children = cmds
+        for c in [wrap] if wrap is not None else cmds:
+            if not self.out.add(c, management=True):
+                self.out.next_id = before
+                return False
+        runs = self.state.setdefault("runs", {})
+        runs[run.run_id] = {"ops": [{"verb": o["verb"], "target": o["target"]} for o in ops]}
+        if wrap:
+            self._expect(wrap.cmd_id, {"kind": "wrap", "run": run.run_id})
+        for i, c in enumerate(cmds):
+            self._expect(
+                c.cmd_id, {"kind": "op", "run": run.run_id, "i": i, "target": ops[i]["target"]}
+            )
+        return True
+
+    # -------------------------------------------------------------- inventory and answer
+
+    async def _apply_inventory(self) -> None:
+        device = self.device
+        assert device is not None
+        changed = {k: v for k, v in self.inventory.items() if device.inventory.get(k) != v}
+        if not changed:
+            return
+        delta = InventoryDelta(base=device.inventory_version, set=changed)
+        await apply_inventory(self.s, device, delta)
+        dm_version = self.inventory.get("omadm.dm_version")
+        if dm_version:
+            device.agent_version = f"omadm/{dm_version}"[:50]
+
+    def _server_cred(self) -> m.Cred | None:
+        account = self.account
+        assert account is not None
+        if self.state.get("server_authenticated"):
+            return None
+        if account.auth == "md5":
+            server_ha1 = auth.ha1(
+                account.server_id, self.svc._unseal(account.server_password_sealed)
+            )
+            return m.Cred(
+                type=auth.AUTH_MD5,
+                format="b64",
+                data=auth.md5_digest(server_ha1, auth.unb64(account.server_nonce)),
+            )
+        if account.auth == "basic":
+            return m.Cred(
+                type=auth.AUTH_BASIC,
+                format="b64",
+                data=auth.basic(
+                    account.server_id, self.svc._unseal(account.server_password_sealed)
+                ),
+            )
+        return None
+
+    def _header(self, msg_id: str, cred: m.Cred | None) -> m.Header:
+        h = self.msg.header
+        settings = self.svc.settings
+        return m.Header(
+            session_id=h.session_id,
+            msg_id=msg_id,
+            target=h.source,
+            source=h.target or self.peer.url or settings.omadm_server_id,
+            ver_dtd=h.ver_dtd or "1.2",
+            ver_proto=h.ver_proto or "DM/1.2",
+            cred=cred,
+            meta=m.Meta(
+                max_msg_size=settings.omadm_max_msg_size, max_obj_size=settings.omadm_max_obj_size
+            ),
+        )
+
+    def _finish(self, final: bool, settings: Settings) -> Reply:
+        account, row, device = self.account, self.row, self.device
+        assert account is not None and row is not None and device is not None
+        header = self._header(str(row.server_msg_id), self._server_cred())
+        root = m.build(m.Message(header=header, final=final), self.out.elements)
+        body = codec.encode(root, self.kind)
+        headers: dict[str, str] = {}
+        if account.auth == "hmac":
+            server_ha1 = auth.ha1(
+                account.server_id, self.svc._unseal(account.server_password_sealed)
+            )
+            mac = auth.hmac_mac(server_ha1, auth.unb64(account.server_nonce), body)
+            headers["x-syncml-hmac"] = auth.hmac_header(account.server_id, mac)
+        row.state = self.state
+        row.ended = bool(self.state.get("ended"))
+        row.updated_at = self.now
+        row.last_request_sha = hashlib.sha256(self.body).hexdigest()
+        row.last_response = body
+        row.last_response_type = self.kind
+        row.last_response_hmac = headers.get("x-syncml-hmac", "")
+        if row.authenticated:
+            account.last_session_at = self.now
+            device.last_seen = self.now
+        return Reply(200, body, self.kind, headers)
+
+    def _header_only(self, code: int, chal_type: str | None = None) -> Reply:
+        """An answer without state: the header's Status and Final."""
+        h = self.msg.header
+        status = m.Command(
+            name="Status",
+            cmd_id="1",
+            msg_ref=h.msg_id,
+            cmd_ref="0",
+            cmd="SyncHdr",
+            target_ref=h.target or None,
+            source_ref=h.source,
+            data=str(code),
+            chal=m.Meta(format="b64", type=chal_type) if chal_type else None,
+        )
+        root = m.build(m.Message(header=self._header("1", None)), [m.command_element(status)])
+        return Reply(200, codec.encode(root, self.kind), self.kind)
+
+
+def _run_result(run_id: str, run: dict[str, Any], now: Any) -> RunResult:
+    ops = run["ops"]
+    failed = [o for o in ops if not 200 <= int(o.get("status", 0)) < 300]
+    lines = []
+    for o in ops:
+        line = f"{o['verb']} {o['target']}: {o.get('status')}"
+        if o.get("data") is not None:
+            line += f" = {o['data']}"
+        lines.append(line)
+    stdout = "\n".join(lines)
+    return RunResult(
+        run_id=run_id,
+        state="failed" if failed else "succeeded",
+        exit_code=1 if failed else 0,
+        stdout=stdout[:RUN_OUTPUT_LIMIT],
+        truncated=len(stdout) > RUN_OUTPUT_LIMIT,
+        error=(f"{len(failed)} of {len(ops)} commands failed" if failed else None),
+        finished_at=now,
+        result={
+            "ops": ops,
+            **({"atomic_status": run["wrap_status"]} if "wrap_status" in run else {}),
+        },
+    )

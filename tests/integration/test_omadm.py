@@ -1,0 +1,334 @@
+"""The OMA DM server through the app, on SQLite and PostgreSQL, with a test DM client.
+
+The client is ours (tests/omadm_client.py); interoperability with clients written by others
+is in tests/e2e/test_e2e_omadm_imitune.py and docs/omadm.md (libdmclient).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+
+from custos.omadm import auth, codec, notification
+from custos.omadm import message as m
+from omadm_client import DmClient, account_client
+from webhook_receiver import Receiver
+
+URL = "http://test/omadm"
+
+
+async def _enroll(api: Any, **body: Any) -> dict[str, Any]:
+    r = await api.post("/api/v1/omadm/devices", json={"dev_id": "IMEI:356938035643809", **body})
+    assert r.status_code == 201, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def _client(api: Any, created: dict[str, Any], **kw: Any) -> DmClient:
+    return account_client(api.http, created, URL, **kw)
+
+
+async def _queue(api: Any, device: str, ops: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+    r = await api.post(f"/api/v1/omadm/devices/{device}/ops", json={"ops": ops, **kw})
+    assert r.status_code == 201, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+async def _run(api: Any, command_id: str) -> dict[str, Any]:
+    r = await api.get(f"/api/v1/commands/{command_id}")
+    assert r.status_code == 200, r.text
+    return r.json()["runs"][0]  # type: ignore[no-any-return]
+
+
+async def test_md5_session_reads_devinfo_and_devdetail_into_the_inventory(api: Any) -> None:
+    created = await _enroll(api, name="phone-1")
+    dm = _client(api, created)
+    replies = await dm.session()
+    first = replies[0]
+    hs = DmClient.header_status(first)
+    assert hs.data == "212"
+    # the server proved itself with the md5 credentials the client holds for it
+    assert dm.server_auth_ok is True
+    # a fresh nonce for the client's next credentials
+    assert hs.chal is not None and hs.chal.next_nonce and hs.chal.type == auth.AUTH_MD5
+    # every command of package 1 has a Status
+    refs = {c.cmd_ref for c in first.commands if c.name == "Status"}
+    assert {"0", "1", "2"} <= refs
+    gets = [c for c in first.commands if c.name == "Get"]
+    assert "./DevDetail/SwV" in {c.items[0].target for c in gets}
+    # the last package has no management commands: the session is over
+    assert not [c for c in replies[-1].commands if c.name not in ("Status", "Results")]
+    r = await api.get(f"/api/v1/devices/{created['device_id']}")
+    inv = r.json()["inventory"]
+    assert inv["hw.manufacturer"] == "Acme" and inv["hw.model"] == "Roadrunner 3"
+    assert inv["os.version"] == "4.2.1" and inv["dm/DevDetail/FwV"] == "fw-17"
+    assert r.json()["agent_version"] == "omadm/1.2"
+    # the device is in the same list as agents
+    r = await api.get("/api/v1/devices")
+    assert "phone-1" in {d["name"] for d in r.json()}
+    # a second session in the same interval does not read DevDetail again
+    dm.session_id = "2"
+    replies = await dm.session()
+    assert len(replies) == 1 and DmClient.header_status(replies[0]).data == "212"
+
+
+async def test_missing_and_wrong_credentials_are_challenged(api: Any) -> None:
+    created = await _enroll(api)
+    dm = _client(api, created)
+    reply = await dm.send(dm.package1(cred=False))
+    hs = DmClient.header_status(reply)
+    assert hs.data == "407" and hs.chal is not None and hs.chal.type == auth.AUTH_MD5
+    # the commands were not executed, and nothing reached the inventory
+    assert {c.data for c in reply.commands if c.name == "Status" and c.cmd != "SyncHdr"} == {"215"}
+    # the client retries with the nonce from the challenge
+    dm.client_nonce = hs.chal.next_nonce or ""
+    reply = await dm.send(dm.package1())
+    assert DmClient.header_status(reply).data == "212"
+    # a wrong password: 401, whatever the session
+    bad = _client(api, created, client_password="not-the-password")
+    bad.session_id = "9"
+    bad.client_nonce = DmClient.header_status(reply).chal.next_nonce or ""  # type: ignore[union-attr]
+    reply = await bad.send(bad.package1())
+    assert DmClient.header_status(reply).data == "401"
+
+
+async def test_repeated_failures_lock_the_account(api: Any) -> None:
+    created = await _enroll(api, auth="basic")
+    for i in range(10):
+        bad = _client(api, created, client_password="wrong-password")
+        bad.session_id = str(100 + i)
+        reply = await bad.send(bad.package1())
+        assert DmClient.header_status(reply).data == "401"
+    good = _client(api, created)
+    good.session_id = "200"
+    reply = await good.send(good.package1())
+    assert DmClient.header_status(reply).data == "401"  # locked for a while, even when right
+
+
+async def test_unknown_device_and_garbage(api: Any) -> None:
+    created = await _enroll(api)
+    stranger = _client(api, {**created, "dev_id": "IMEI:000000000000000"})
+    reply = await stranger.send(stranger.package1())
+    assert DmClient.header_status(reply).data == "401"
+    for body, ctype in (
+        (b"not xml", codec.XML_TYPE),
+        (b"<SyncML><SyncHdr/></SyncML>", codec.XML_TYPE),
+        (b'<!DOCTYPE x [<!ENTITY a "b">]><SyncML/>', codec.XML_TYPE),
+        (b"\x02\xa4\x01\x6a\x00\xff", codec.WBXML_TYPE),
+        (b"<SyncML/>", "application/json"),
+    ):
+        r = await api.http.post("/omadm", content=body, headers={"content-type": ctype})
+        assert r.status_code == 400, (body, r.text)
+        assert r.text
+    r = await api.http.post(
+        "/omadm", content=b"<" * (70 * 1024), headers={"content-type": codec.XML_TYPE}
+    )
+    assert r.status_code == 413
+
+
+@pytest.mark.parametrize("method", ["basic", "hmac"])
+async def test_basic_and_hmac_sessions(api: Any, method: str) -> None:
+    created = await _enroll(api, auth=method)
+    dm = _client(api, created)
+    replies = await dm.session()
+    assert DmClient.header_status(replies[0]).data == "212"
+    assert dm.server_auth_ok is True
+    if method == "hmac":
+        # a message whose body was altered after the MAC was made is refused
+        dm.session_id = "77"
+        msg = dm.package1(cred=False)
+        body = codec.to_xml(m.build(msg))
+        mac = auth.hmac_mac(
+            auth.ha1(dm.client_name, dm.client_password), auth.unb64(dm.client_nonce), body
+        )
+        tampered = body.replace(b"Acme", b"Evil")
+        r = await api.http.post(
+            "/omadm",
+            content=tampered,
+            headers={
+                "content-type": codec.XML_TYPE,
+                "x-syncml-hmac": auth.hmac_header(dm.client_name, mac),
+            },
+        )
+        reply = m.parse(codec.parse_xml(r.content))
+        assert DmClient.header_status(reply).data == "401"
+
+
+async def test_wbxml_session(api: Any) -> None:
+    created = await _enroll(api)
+    dm = _client(api, created, wbxml=True)
+    replies = await dm.session()
+    assert DmClient.header_status(replies[0]).data == "212"
+    r = await api.get(f"/api/v1/devices/{created['device_id']}")
+    assert r.json()["inventory"]["os.version"] == "4.2.1"
+
+
+async def test_node_operations_from_the_api(api: Any) -> None:
+    created = await _enroll(api)
+    device = created["device_id"]
+    dm = _client(api, created)
+    dm.tree["./Vendor/Acme/Volume"] = "3"
+    await dm.session()  # the inventory read is out of the way
+    q = await _queue(
+        api,
+        device,
+        [
+            {"verb": "Get", "target": "./DevDetail/SwV"},
+            {"verb": "Replace", "target": "./Vendor/Acme/Volume", "data": "7", "format": "int"},
+            {"verb": "Add", "target": "./Vendor/Acme/Note", "data": "hello <&> world"},
+            {"verb": "Exec", "target": "./Vendor/Acme/Ring"},
+            {"verb": "Copy", "target": "./Vendor/Acme/Copy", "source": "./Vendor/Acme/Note"},
+            {"verb": "Delete", "target": "./Vendor/Acme/Missing"},
+        ],
+    )
+    assert q["notified"] is False and "next session" in q["notify_detail"]
+    dm.session_id = "5"
+    await dm.session()
+    assert dm.tree["./Vendor/Acme/Volume"] == "7"
+    assert dm.tree["./Vendor/Acme/Copy"] == "hello <&> world"
+    assert dm.executed == ["./Vendor/Acme/Ring"]
+    run = await _run(api, q["command_id"])
+    assert run["state"] == "failed"  # the Delete found nothing (404)
+    ops = run["result"]["ops"]
+    assert [o["status"] for o in ops] == [200, 200, 200, 200, 200, 404]
+    assert ops[0]["data"] == "4.2.1"
+    assert "Get ./DevDetail/SwV: 200 = 4.2.1" in run["stdout"]
+
+
+async def test_atomic_is_all_or_nothing(api: Any) -> None:
+    created = await _enroll(api)
+    dm = _client(api, created)
+    await dm.session()
+    dm.fail_nodes.add("./Vendor/Acme/Broken")
+    q = await _queue(
+        api,
+        created["device_id"],
+        [
+            {"verb": "Replace", "target": "./Vendor/Acme/A", "data": "1"},
+            {"verb": "Replace", "target": "./Vendor/Acme/Broken", "data": "2"},
+        ],
+        atomic=True,
+    )
+    dm.session_id = "6"
+    await dm.session()
+    assert "./Vendor/Acme/A" not in dm.tree  # rolled back
+    run = await _run(api, q["command_id"])
+    assert run["state"] == "failed"
+    assert run["result"]["atomic_status"] == "507"
+    assert [o["status"] for o in run["result"]["ops"]] == [216, 500]
+
+
+async def test_max_msg_size_spreads_commands_over_messages(api: Any) -> None:
+    created = await _enroll(api)
+    dm = _client(api, created, max_msg_size=2500)
+    await dm.session()
+    big = "x" * 900
+    qs = [
+        await _queue(
+            api,
+            created["device_id"],
+            [{"verb": "Replace", "target": f"./Vendor/N{i}", "data": big}],
+        )
+        for i in range(4)
+    ]
+    dm.session_id = "8"
+    replies = await dm.session()
+    assert len(replies) >= 3
+    for _msg, reply in dm.log[-len(replies) :]:
+        assert len(codec.to_xml(m.build(reply))) <= 2500
+    for q in qs:
+        assert (await _run(api, q["command_id"]))["state"] == "succeeded"
+    assert all(dm.tree[f"./Vendor/N{i}"] == big for i in range(4))
+
+
+async def test_retransmission_gets_the_same_answer_and_state_survives_another_app(
+    api: Any, settings: Any
+) -> None:
+    from custos.server.app import create_app
+
+    created = await _enroll(api)
+    dm = _client(api, created)
+    msg = dm.package1()
+    body = codec.to_xml(m.build(msg))
+    first = await api.http.post("/omadm", content=body, headers={"content-type": codec.XML_TYPE})
+    again = await api.http.post("/omadm", content=body, headers={"content-type": codec.XML_TYPE})
+    assert first.content == again.content
+    reply = m.parse(codec.parse_xml(first.content))
+    dm.log.append((msg, reply))
+    nxt = dm.respond(reply)
+    assert nxt is not None
+    # the next message goes to another server process on the same database
+    other = create_app(settings)
+    async with (
+        other.router.lifespan_context(other),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=other), base_url="http://test") as h2,
+    ):
+        dm.http = h2
+        reply = await dm.send(nxt)
+        assert DmClient.header_status(reply).data in ("200", "212")
+        # the second process knew which Gets it was waiting for
+        while (nxt := dm.respond(reply)) is not None:
+            reply = await dm.send(nxt)
+    r = await api.get(f"/api/v1/devices/{created['device_id']}")
+    assert r.json()["inventory"]["os.version"] == "4.2.1"
+
+
+async def test_package0_through_the_notification_hook(api: Any) -> None:
+    with Receiver() as gateway:
+        created = await _enroll(api, notify_url=gateway.url + "/sms")
+        q = await _queue(api, created["device_id"], [{"verb": "Get", "target": "./DevInfo/Man"}])
+        assert q["notified"] is True
+        assert len(gateway.requests) == 1
+        req = gateway.requests[0]
+        assert req.headers["content-type"] == codec.NOTIFICATION_TYPE
+        assert req.headers["x-omadm-devid"] == created["dev_id"]
+        pkg = notification.parse(req.body)
+        assert pkg.server_id == created["server_id"] and pkg.initiator_server
+        server_ha1 = auth.ha1(created["server_id"], created["server_password"])
+        assert notification.verify(req.body, server_ha1, auth.unb64(created["server_nonce"]))
+        assert not notification.verify(
+            req.body, auth.ha1("custos", "wrong"), auth.unb64(created["server_nonce"])
+        )
+        # the device calls back with Alert 1200 and the notification's session id
+        dm = _client(api, created)
+        dm.session_id = format(pkg.session_id, "X")
+        await dm.session(alert="1200")
+        run = await _run(api, q["command_id"])
+        assert run["state"] == "succeeded" and run["result"]["ops"][0]["data"] == "Acme"
+
+
+async def test_commands_an_omadm_device_cannot_run_are_rejected(api: Any) -> None:
+    created = await _enroll(api)
+    cmd = await api.command(created["device_id"], kind="exec", argv=["true"])
+    dm = _client(api, created)
+    await dm.session()
+    await asyncio.sleep(0)
+    run = await _run(api, cmd["id"])
+    assert run["state"] == "rejected" and "OMA DM" in run["error"]
+
+
+async def test_helpdesk_cannot_enroll_and_bad_bodies_are_refused(api: Any) -> None:
+    r = await api.post("/api/v1/omadm/devices", json={"dev_id": ""})
+    assert r.status_code == 422
+    r = await api.post("/api/v1/omadm/devices", json={"dev_id": "x", "auth": "kerberos"})
+    assert r.status_code == 422
+    created = await _enroll(api)
+    r = await api.post("/api/v1/omadm/devices", json={"dev_id": created["dev_id"]})
+    assert r.status_code == 409
+    bad_ops = [
+        {"verb": "Get", "target": "DevInfo/Man"},  # not a ./ URI
+        {"verb": "Copy", "target": "./A"},
+        {"verb": "Get", "target": "./A", "data": "x"},
+        {"verb": "Format", "target": "./A"},
+    ]
+    for op in bad_ops:
+        r = await api.post(f"/api/v1/omadm/devices/{created['device_id']}/ops", json={"ops": [op]})
+        assert r.status_code == 422, op
+    agent = await api.new_device("laptop")
+    r = await api.post(
+        f"/api/v1/omadm/devices/{agent.device_id}/ops",
+        json={"ops": [{"verb": "Get", "target": "./DevInfo/Man"}]},
+    )
+    assert r.status_code == 422 and "not an OMA DM device" in r.text
