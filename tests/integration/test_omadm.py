@@ -80,8 +80,8 @@ async def test_missing_and_wrong_credentials_are_challenged(api: Any) -> None:
     reply = await dm.send(dm.package1(cred=False))
     hs = DmClient.header_status(reply)
     assert hs.data == "407" and hs.chal is not None and hs.chal.type == auth.AUTH_MD5
-    # the commands were not executed, and nothing reached the inventory
-    assert {c.data for c in reply.commands if c.name == "Status" and c.cmd != "SyncHdr"} == {"215"}
+    # the commands were not executed: they carry the header's code, to be sent again
+    assert {c.data for c in reply.commands if c.name == "Status" and c.cmd != "SyncHdr"} == {"407"}
     # the client retries with the nonce from the challenge
     dm.client_nonce = hs.chal.next_nonce or ""
     reply = await dm.send(dm.package1())

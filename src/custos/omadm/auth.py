@@ -44,7 +44,8 @@ def ha1(name: str, password: str) -> str:
 
 
 def new_nonce() -> str:
-    return b64(secrets.token_bytes(16))
+    """12 random bytes: base64 without padding (libdmclient misreads a nonce ending in one '=')."""
+    return b64(secrets.token_bytes(12))
 
 
 def basic(name: str, password: str) -> str:

@@ -14,6 +14,9 @@ from defusedxml.ElementTree import fromstring
 
 XML_TYPE = "application/vnd.syncml.dm+xml"
 WBXML_TYPE = "application/vnd.syncml.dm+wbxml"
+# the plain SyncML types, which some DM clients (libdmclient) send; answered in kind
+XML_TYPES = frozenset({XML_TYPE, "application/vnd.syncml+xml", "application/xml", "text/xml", ""})
+WBXML_TYPES = frozenset({WBXML_TYPE, "application/vnd.syncml+wbxml"})
 NOTIFICATION_TYPE = "application/vnd.syncml.notification"
 SYNCML_NS = "SYNCML:SYNCML1.2"
 METINF_NS = "syncml:metinf"
@@ -124,22 +127,25 @@ def to_xml(root: Element) -> bytes:
 def decode(data: bytes, content_type: str | None) -> tuple[Element, str]:
     """The tree of a request body and the media type to answer in."""
     kind = media_type(content_type)
-    if kind == WBXML_TYPE:
+    if kind in WBXML_TYPES:
         from custos.omadm import wbxml
 
         try:
-            return wbxml.decode(data, max_nodes=MAX_NODES, max_depth=MAX_DEPTH), WBXML_TYPE
+            return wbxml.decode(data, max_nodes=MAX_NODES, max_depth=MAX_DEPTH), kind
         except wbxml.WbxmlError as exc:
             raise CodecError(f"malformed WBXML: {exc}") from None
-    if kind in (XML_TYPE, "application/xml", "text/xml", ""):
-        return parse_xml(data), XML_TYPE
+    if kind in XML_TYPES:
+        return parse_xml(data), kind if kind.startswith("application/vnd.syncml") else XML_TYPE
     raise CodecError(f"unsupported content type {kind!r}: use {XML_TYPE} or {WBXML_TYPE}")
 
 
 def encode(root: Element, kind: str) -> bytes:
     """Bytes of a tree in the given media type."""
-    if kind == WBXML_TYPE:
+    if kind in WBXML_TYPES:
         from custos.omadm import wbxml
 
+        version = root.findtext("SyncHdr/VerDTD")
+        if version == "1.1":
+            return wbxml.encode(root, public_id="-//SYNCML//DTD SyncML 1.1//EN")
         return wbxml.encode(root)
     return to_xml(root)

@@ -517,10 +517,11 @@ class _Session:
             if self.msg.final and not self.state.get("ended"):
                 await self._send_management()
         else:
-            # the commands were not looked at: the client sends them again with credentials
+            # the commands were not looked at: each gets the header's code, and the client
+            # sends again those (libdmclient resends only commands answered 401/407)
             for cmd in self.msg.commands:
                 if cmd.name != "Status":
-                    self._status(cmd, NOT_EXECUTED)
+                    self._status(cmd, status)
         final = self.msg.final or status not in (OK, AUTH_ACCEPTED)
         if not self.msg.final and status in (OK, AUTH_ACCEPTED):
             self.out.add(m.Command(name="Alert", cmd_id=self.out.cmd_id(), data=ALERT_NEXT_MESSAGE))
