@@ -3,6 +3,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# imitune (a Windows-style OMA DM client the interop test drives) needs Python >= 3.12; it
+# gets a venv of its own so that its pinned dependencies never meet Custos's
+PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python3) $(wildcard /usr/bin/python3.1[2-9]))
+INTEROP := .venv-imitune
+INTEROP_STAMP := $(INTEROP)/.installed
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo serve test lint format bench clean
@@ -16,7 +21,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install Custos with its dev extras
+$(INTEROP_STAMP):
+	@test -n "$(PY312)" || { echo "error: imitune needs Python >= 3.12 (set PY312=/path/to/python3.12)"; exit 1; }
+	$(PY312) -m venv $(INTEROP)
+	$(INTEROP)/bin/pip install -q imitune==0.2.0
+	touch $(INTEROP_STAMP)
+
+install: $(STAMP) $(INTEROP_STAMP) ## create .venv (Custos with its dev extras) and .venv-imitune
 
 demo: $(STAMP) ## run the server on the embedded default with 25 simulated devices
 	$(BIN)/custos demo
@@ -24,7 +35,7 @@ demo: $(STAMP) ## run the server on the embedded default with 25 simulated devic
 serve: $(STAMP) ## run the server on the embedded default (./var)
 	$(BIN)/custos server
 
-test: $(STAMP) ## run the whole test suite (SQLite and PostgreSQL)
+test: $(STAMP) $(INTEROP_STAMP) ## run the whole test suite (SQLite and PostgreSQL)
 	$(BIN)/pytest -q --durations=25
 
 lint: $(STAMP) ## ruff check, ruff format --check, mypy
@@ -40,4 +51,4 @@ bench: $(STAMP) ## run the benchmarks (see bench/RESULTS.md)
 	$(BIN)/python bench/run.py
 
 clean: ## remove the venv and local state
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(INTEROP) var .pytest_cache .mypy_cache .ruff_cache

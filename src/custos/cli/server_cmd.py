@@ -70,6 +70,14 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
     if not settings.insecure_http:
         cert, key = write_server_certificate(settings, boot.ca)
         ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+        if settings.omadm_client_certs:
+            import ssl as ssl_mod
+
+            # asked for, not required: agents and browsers carry on without one; a client
+            # certificate must come from the Custos CA (OMA DM clients identify with one)
+            ca_path = cert.parent / "client-ca.pem"
+            ca_path.write_text(boot.ca.cert_pem)
+            ssl |= {"ssl_cert_reqs": ssl_mod.CERT_OPTIONAL, "ssl_ca_certs": str(ca_path)}
         scheme = "https"
     if announce:
         host = settings.host if ":" not in settings.host else f"[{settings.host}]"

@@ -54,12 +54,20 @@ class DrainingHttpProtocol(HttpToolsProtocol):
     _file_extensions: dict[str, dict[object, object]] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """Note whether this connection can carry file bodies with sendfile."""
+        """Note whether this connection can carry file bodies with sendfile, and the client's
+        TLS certificate if it showed one (verified against the Custos CA by the handshake)."""
         super().connection_made(transport)
-        self._file_extensions = sendfile_extensions(transport)
+        extensions: dict[str, dict[object, object]] = dict(sendfile_extensions(transport))
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            der = ssl_object.getpeercert(binary_form=True)
+            if der:
+                # the ASGI TLS extension's place; OMA DM clients prove their identity with it
+                extensions["tls"] = {"client_cert_der": der}
+        self._file_extensions = extensions or None
 
     def on_message_begin(self) -> None:
-        """A new request: its scope advertises the file extensions this connection has."""
+        """A new request: its scope advertises the extensions this connection has."""
         super().on_message_begin()
         if self._file_extensions:
             self.scope["extensions"] = dict(self._file_extensions)
@@ -67,7 +75,11 @@ class DrainingHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         """uvicorn builds the cycle inline; ours adds the file messages to its send."""
         super().on_headers_complete()
-        if self._file_extensions and type(self.cycle) is RequestResponseCycle:
+        if (
+            self._file_extensions
+            and SENDFILE_EXTENSION in self._file_extensions
+            and type(self.cycle) is RequestResponseCycle
+        ):
             self.cycle.__class__ = SendfileCycle
 
     def connection_lost(self, exc: Exception | None) -> None:
