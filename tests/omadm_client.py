@@ -37,6 +37,10 @@ class DmClient:
     server_auth_ok: bool | None = None
     executed: list[str] = field(default_factory=list)
     fail_nodes: set[str] = field(default_factory=set)
+    # Exec on these answers 202; the outcome follows in the next session's Generic Alert
+    async_nodes: set[str] = field(default_factory=set)
+    alert_result: str = "1200"
+    pending_alerts: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
@@ -94,6 +98,19 @@ class DmClient:
             )
         ]
         cmds.append(m.Command(name="Replace", cmd_id=str(next(self._ids)), items=items))
+        for correlator, uri in self.pending_alerts:
+            kind = "urn:oma:at:lawmo:1.0:OperationComplete"
+            meta = m.Meta(type=kind, format="int")
+            cmds.append(
+                m.Command(
+                    name="Alert",
+                    cmd_id=str(next(self._ids)),
+                    data="1226",
+                    correlator=correlator,
+                    items=[m.Item(source=uri, meta=meta, data=self.alert_result)],
+                )
+            )
+        self.pending_alerts = []
         return m.Message(header=self.header(cred=cred), commands=cmds)
 
     async def send(self, msg: m.Message, *, raw: bytes | None = None) -> m.Message:
@@ -175,7 +192,11 @@ class DmClient:
             code = 200 if self.tree.pop(uri, None) is not None else 404
         elif cmd.name == "Exec":
             self.executed.append(uri)
-            code = 200
+            if uri in self.async_nodes:
+                self.pending_alerts.append((cmd.correlator or "", uri))
+                code = 202
+            else:
+                code = 200
         elif cmd.name == "Copy":
             src = item.source or ""
             if src in self.tree:

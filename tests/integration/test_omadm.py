@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 import httpx
+from sqlalchemy import select
 import pytest
 
 from custos.omadm import auth, codec, notification
@@ -332,3 +333,57 @@ async def test_helpdesk_cannot_enroll_and_bad_bodies_are_refused(api: Any) -> No
         json={"ops": [{"verb": "Get", "target": "./DevInfo/Man"}]},
     )
     assert r.status_code == 422 and "not an OMA DM device" in r.text
+
+
+async def test_lost_device_lock_and_wipe_over_lawmo(api: Any) -> None:
+    from custos.commands.models import CommandRun
+
+    created = await _enroll(api, name="lost-phone")
+    device = created["device_id"]
+    dm = _client(api, created)
+    await dm.session()
+    # a lock through the ordinary lost-device API becomes LAWMO FullyLock, answered at once
+    r = await api.post(f"/api/v1/devices/{device}/lock", json={})
+    assert r.status_code == 200, r.text
+    dm.session_id = "20"
+    await dm.session()
+    assert dm.executed == ["./LAWMO/Operations/FullyLock"]
+    async with api.services.db.read() as s:
+        runs = (
+            await s.execute(select(CommandRun.state).where(CommandRun.device_id == device))
+        ).all()
+    assert [x[0] for x in runs] == ["succeeded"]
+    # a dry run cannot be honoured over LAWMO: refused, never executed
+    r = await api.post(
+        f"/api/v1/devices/{device}/wipe", json={"mode": "selective", "dry_run": True}
+    )
+    assert r.status_code == 202, r.text
+    dm.session_id = "21"
+    await dm.session()
+    assert dm.executed == ["./LAWMO/Operations/FullyLock"]
+    # a full wipe: the device accepts (202) and reports completion in a later session
+    dm.async_nodes.add("./LAWMO/Operations/FactoryReset")
+    r = await api.post(
+        f"/api/v1/devices/{device}/wipe", json={"mode": "full", "confirm": "lost-phone"}
+    )
+    assert r.status_code == 202, r.text
+    wipe_run = r.json()["run_id"]
+    dm.session_id = "22"
+    await dm.session()
+    assert dm.executed[-1] == "./LAWMO/Operations/FactoryReset"
+    async with api.services.db.read() as s:
+        state = await s.scalar(select(CommandRun.state).where(CommandRun.id == wipe_run))
+    assert state == "acked"  # accepted, not yet done
+    dm.session_id = "23"
+    await dm.session()  # package 1 carries the Generic Alert with the run id as correlator
+    async with api.services.db.read() as s:
+        run = await s.get(CommandRun, wipe_run)
+        assert run is not None and run.state == "succeeded", (run.state, run.result)
+        assert run.result["ops"][0]["result_code"] == 1200
+    await api.services.policies.tick_lost()
+    r = await api.get(f"/api/v1/devices/{device}")
+    assert r.json()["status"] == "retired"
+    # a retired device's sessions are refused
+    dm.session_id = "24"
+    reply = await dm.send(dm.package1())
+    assert DmClient.header_status(reply).data == "403"

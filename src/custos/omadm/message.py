@@ -294,12 +294,13 @@ def command_element(cmd: Command) -> Element:
     if cmd.name in ("Results",):
         _put(el, "MsgRef", cmd.msg_ref)
         _put(el, "CmdRef", cmd.cmd_ref)
+    # the DTD's order: NoResp, Data (Alert), Meta, Correlator, then the items
     if cmd.no_resp:
         SubElement(el, "NoResp")
-    _put(el, "Correlator", cmd.correlator)
     if cmd.name == "Alert":
         _put(el, "Data", cmd.data)
     _put_meta(el, cmd.meta)
+    _put(el, "Correlator", cmd.correlator)
     for child in cmd.children:
         el.append(command_element(child))
     for item in cmd.items:

@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -458,6 +458,9 @@ class _Session:
         self.state: dict[str, Any] = {}
         self.inventory: dict[str, str] = {}
         self.results: list[RunResult] = []
+        # runs whose Exec was accepted (202) and Generic Alerts that finish such runs
+        self.waiting: dict[str, dict[str, Any]] = {}
+        self.alerts: list[tuple[str, str, str | None, str | None]] = []
         limit = msg.header.meta.max_msg_size if msg.header.meta else None
         self.out = _Out(min(limit or svc.settings.omadm_max_msg_size, 4 * 1024 * 1024))
         self.client_obj_limit = (
@@ -510,6 +513,7 @@ class _Session:
         self.out.add(hdr_status)
         if status in (OK, AUTH_ACCEPTED):
             await self._process()
+            await self._asynchronous_results()
             if self.results:
                 # closed before new work is taken, or a run just answered would be sent again
                 await self.svc.commands.record_results(self.s, account.device_id, self.results)
@@ -721,6 +725,16 @@ class _Session:
         elif code == ALERT_SESSION_ABORT:
             self.state["ended"] = True
         elif code == ALERT_GENERIC:
+            if cmd.correlator and len(self.alerts) < 50:
+                item = cmd.items[0] if cmd.items else m.Item()
+                self.alerts.append(
+                    (
+                        cmd.correlator[:64],
+                        (item.data or "").strip()[:200],
+                        item.source,
+                        item.meta.type if item.meta else None,
+                    )
+                )
             alerts = self.state.setdefault("generic_alerts", [])
             for item in cmd.items[:10]:
                 if len(alerts) < 50:
@@ -836,11 +850,62 @@ class _Session:
                 op["data"] = entry["data"][:RUN_OUTPUT_LIMIT]
             if "error" in entry:
                 op["error"] = entry["error"]
+        if self.msg.final:
+            # a client answers every command of a package in its next one: what it left
+            # unanswered (no NoResp is ever sent) will not be answered
+            current = str(self.row.server_msg_id) if self.row is not None else ""
+            for key in [k for k in out if k.split(":", 1)[0] != current]:
+                entry = out.pop(key)
+                run = runs.get(entry.get("run", ""))
+                if run is not None and entry.get("kind") == "op":
+                    op = run["ops"][entry["i"]]
+                    op.setdefault("status", 0)
+                    op.setdefault("error", "no Status from the device")
         for run_id, run in list(runs.items()):
             if any("status" not in op for op in run["ops"]):
                 continue
             runs.pop(run_id)
+            if any(op["status"] == ACCEPTED and op["verb"] == "Exec" for op in run["ops"]):
+                # accepted for asynchronous processing: the result comes in a Generic Alert
+                self.waiting[run_id] = run
+                continue
             self.results.append(_run_result(run_id, run, self.now))
+
+    async def _asynchronous_results(self) -> None:
+        """Park runs with an accepted Exec; finish parked runs named by Generic Alerts."""
+        from custos.commands.models import CommandRun
+
+        device_id = self.account.device_id if self.account else ""
+        for run_id, run in self.waiting.items():
+            await self.s.execute(
+                update(CommandRun)
+                .where(CommandRun.id == run_id, CommandRun.device_id == device_id)
+                .values(state="acked", result={"ops": run["ops"], "waiting_for_alert": True})
+            )
+        for correlator, data, source, type_ in self.alerts:
+            row = (
+                await self.s.execute(
+                    select(CommandRun.result).where(
+                        CommandRun.id == correlator,
+                        CommandRun.device_id == device_id,
+                        CommandRun.state == "acked",
+                    )
+                )
+            ).first()
+            if row is None or not (row[0] or {}).get("waiting_for_alert"):
+                continue
+            ops = list(row[0]["ops"])
+            code = int(data) if data.isdigit() else 0
+            for op in ops:
+                if op["verb"] == "Exec" and op.get("status") == ACCEPTED:
+                    # result codes: 1200 to 1299 are success (OMA DM generic alert, SCOMO/FUMO/LAWMO)
+                    op["status"] = OK if 1200 <= code < 1300 else COMMAND_FAILED
+                    op["result_code"] = code
+                    if source:
+                        op["alert_source"] = source[:200]
+                    if type_:
+                        op["alert_type"] = type_[:200]
+            self.results.append(_run_result(correlator, {"ops": ops}, self.now))
 
     # -------------------------------------------------------------- management commands
 
@@ -878,17 +943,12 @@ class _Session:
 
     def _deliver(self, run: DeliveredCommand) -> bool:
         """Add one run's commands to the message; False when they do not fit in it."""
-        if run.kind != "omadm":
+        ops, why = ops_for(run.kind, run.payload)
+        if ops is None:
             self.results.append(
-                RunResult(
-                    run_id=run.run_id,
-                    state="rejected",
-                    error=f"{run.kind!r} commands cannot run on an OMA DM device",
-                    finished_at=self.now,
-                )
+                RunResult(run_id=run.run_id, state="rejected", error=why, finished_at=self.now)
             )
             return True
-        ops = list(run.payload.get("ops", []))
         before = self.out.next_id
         wrap = (
             m.Command(name="Atomic", cmd_id=self.out.cmd_id())
@@ -915,7 +975,14 @@ class _Session:
                 meta = m.Meta(format=op.get("format"), type=op.get("type"))
             item = m.Item(target=op["target"], source=op.get("source"), data=data)
             cmds.append(
-                m.Command(name=op["verb"], cmd_id=self.out.cmd_id(), meta=meta, items=[item])
+                m.Command(
+                    name=op["verb"],
+                    cmd_id=self.out.cmd_id(),
+                    meta=meta,
+                    items=[item],
+                    # an asynchronous Exec (202) reports back in a Generic Alert naming it
+                    correlator=run.run_id if op["verb"] == "Exec" else None,
+                )
             )
         if wrap is not None:
             wrap.children = cmds
@@ -1028,6 +1095,31 @@ class _Session:
         )
         root = m.build(m.Message(header=self._header("1", None)), [m.command_element(status)])
         return Reply(200, codec.encode(root, self.kind), self.kind)
+
+
+LAWMO_OPERATIONS = {
+    "lock": "./LAWMO/Operations/FullyLock",
+    "unlock": "./LAWMO/Operations/UnLock",
+    "wipe:selective": "./LAWMO/Operations/Wipe",
+    "wipe:full": "./LAWMO/Operations/FactoryReset",
+}
+
+
+def ops_for(kind: str, payload: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str]:
+    """The DM commands of a run of this kind, or None and why it cannot run over OMA DM.
+
+    Lost-device lock, unlock and wipe (policies) map onto LAWMO's Operations nodes.
+    """
+    if kind == "omadm":
+        return list(payload.get("ops", [])), ""
+    if kind in ("lock", "unlock"):
+        return [{"verb": "Exec", "target": LAWMO_OPERATIONS[kind]}], ""
+    if kind == "wipe":
+        if payload.get("dry_run"):
+            return None, "LAWMO has no dry run: a wipe over OMA DM is always real"
+        mode = "full" if payload.get("mode") == "full" else "selective"
+        return [{"verb": "Exec", "target": LAWMO_OPERATIONS[f"wipe:{mode}"]}], ""
+    return None, f"{kind!r} commands cannot run on an OMA DM device"
 
 
 def _run_result(run_id: str, run: dict[str, Any], now: Any) -> RunResult:
