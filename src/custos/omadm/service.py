@@ -898,7 +898,7 @@ class _Session:
             code = int(data) if data.isdigit() else 0
             for op in ops:
                 if op["verb"] == "Exec" and op.get("status") == ACCEPTED:
-                    # result codes: 1200 to 1299 are success (OMA DM generic alert, SCOMO/FUMO/LAWMO)
+                    # result codes 1200 to 1299 mean success (generic alerts, LAWMO, SCOMO)
                     op["status"] = OK if 1200 <= code < 1300 else COMMAND_FAILED
                     op["result_code"] = code
                     if source:
