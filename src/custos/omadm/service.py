@@ -157,8 +157,10 @@ class OmadmService:
         secret: bytes,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        push: object = None,
     ) -> None:
         self.db = db
+        self.push = push
         self.ca = ca
         self.commands = commands
         self.settings = settings
@@ -379,9 +381,21 @@ class OmadmService:
         if account is None:
             return False, "not an OMA DM device"
         url = account.notify_url or self.settings.omadm_notify_url
-        if not url:
+        mqtt = self._mqtt()
+        if not url and mqtt is None:
             return False, "no notification hook: the device sees the work at its next session"
         data = await self.package0(device_id)
+        if mqtt is not None:
+            topic = f"omadm/{device_id}"
+            try:
+                await mqtt.publish_once(topic, data)
+            except Exception as exc:  # aiomqtt.MqttError, OSError, a timeout
+                log.warning("package #0 for %s over MQTT: %s", device_id, type(exc).__name__)
+                if not url:
+                    return False, f"MQTT broker unreachable: {type(exc).__name__}"
+            else:
+                if not url:
+                    return True, f"package #0 published to {mqtt.prefix}/{topic}"
         try:
             async with httpx.AsyncClient(
                 timeout=10, transport=self._transport, follow_redirects=False
@@ -401,6 +415,12 @@ class OmadmService:
         if resp.status_code >= 300:
             return False, f"notification hook answered HTTP {resp.status_code}"
         return True, f"package #0 delivered ({len(data)} bytes)"
+
+    def _mqtt(self) -> Any:
+        """The MQTT push backend when that is the push channel, else None."""
+        from custos.push.mqtt import MqttPush
+
+        return self.push if isinstance(self.push, MqttPush) else None
 
     # ------------------------------------------------------------ the endpoint
 

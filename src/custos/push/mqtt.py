@@ -181,6 +181,26 @@ class MqttPush:
             )
         return hub
 
+    async def publish_once(self, suffix: str, payload: bytes) -> None:
+        """One QoS 1 message to <prefix>/<suffix> over a connection of its own.
+
+        For OMA DM's package #0, whose subscriber (the device, or a gateway that forwards it
+        by SMS) is not an agent; rare enough that a short-lived connection is the simple way.
+        """
+        import aiomqtt
+
+        topic = f"{self.prefix}/{check_topic_prefix(suffix)}"
+        async with aiomqtt.Client(
+            self.broker.host,
+            self.broker.port,
+            username=self.username,
+            password=self._password.get_secret_value() if self._password else None,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            tls_context=self._tls,
+            timeout=10,
+        ) as client:
+            await client.publish(topic, payload, qos=1)
+
     # --- what devices are told ---
 
     def descriptor(self) -> PushDescriptor:

@@ -157,7 +157,9 @@ class Services:
                 refresh_s=settings.policy_refresh_s,
             ),
             webhooks=WebhookService(db, ca.derive_secret("webhook-secrets")),
-            omadm=OmadmService(db, ca, commands, settings, ca.derive_secret("omadm-secrets")),
+            omadm=OmadmService(
+                db, ca, commands, settings, ca.derive_secret("omadm-secrets"), push=push
+            ),
         )
 
     async def resync_caches(self) -> None:
