@@ -41,6 +41,9 @@ class DmClient:
     async_nodes: set[str] = field(default_factory=set)
     alert_result: str = "1200"
     pending_alerts: list[tuple[str, str]] = field(default_factory=list)
+    # SCOMO: packages fetched from PkgURL by DownloadInstall, by component node
+    downloads: dict[str, bytes] = field(default_factory=dict)
+    to_download: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
@@ -189,10 +192,23 @@ class DmClient:
                 self.tree[uri] = item.data or ""
                 code = 200
         elif cmd.name == "Delete":
-            code = 200 if self.tree.pop(uri, None) is not None else 404
+            gone = [k for k in self.tree if k == uri or k.startswith(uri + "/")]
+            for k in gone:
+                del self.tree[k]
+            code = 200 if gone else 404
         elif cmd.name == "Exec":
             self.executed.append(uri)
-            if uri in self.async_nodes:
+            if uri.endswith("/Operations/DownloadInstall"):
+                base = uri.rsplit("/Operations/", 1)[0]
+                self.to_download.append(
+                    (base.rsplit("/", 1)[-1], self.tree.get(base + "/PkgURL", ""))
+                )
+            elif uri.endswith("/Operations/Remove"):
+                node = uri.rsplit("/Operations/", 1)[0].rsplit("/", 1)[-1]
+                self.tree.pop(f"./SCOMO/Inventory/Deployed/{node}", None)
+            if uri in self.async_nodes or any(
+                uri.endswith(n[1:]) for n in self.async_nodes if n.startswith("*")
+            ):
                 self.pending_alerts.append((cmd.correlator or "", uri))
                 code = 202
             else:
@@ -254,6 +270,15 @@ class DmClient:
             c.cmd_id = str(next(self._ids))
         return m.Message(header=self.header(cred=False), commands=cmds)
 
+    async def fetch_downloads(self) -> None:
+        """What DownloadInstall asked for: a plain GET of PkgURL, as a SCOMO client does."""
+        for node, url in self.to_download:
+            r = await self.http.get(url)
+            assert r.status_code == 200, (r.status_code, r.text[:200])
+            self.downloads[node] = r.content
+            self.tree[f"./SCOMO/Inventory/Deployed/{node}"] = ""
+        self.to_download = []
+
     @staticmethod
     def _status(c: m.Command, reply: m.Message, code: int) -> m.Command:
         return m.Command(
@@ -273,6 +298,7 @@ class DmClient:
         replies = [reply]
         for _ in range(max_messages):
             nxt = self.respond(reply)
+            await self.fetch_downloads()
             if nxt is None:
                 return replies
             reply = await self.send(nxt)

@@ -387,3 +387,44 @@ async def test_lost_device_lock_and_wipe_over_lawmo(api: Any) -> None:
     dm.session_id = "24"
     reply = await dm.send(dm.package1())
     assert DmClient.header_status(reply).data == "403"
+
+
+async def test_deployments_reach_omadm_devices_through_scomo(api: Any, tmp_path: Any) -> None:
+    from test_software import cpkg, upload
+
+    created = await _enroll(api, name="kiosk-7")
+    dm = _client(api, created)
+    await dm.session()
+    data = b"firmware-ish payload " * 4000
+    pkg = await upload(api, cpkg(tmp_path / "tool-1.cpkg", "1.0", tmp_path / "t.bin", data))
+    r = await api.post(
+        "/api/v1/deployments", json={"package": "tool", "targets": {"devices": ["kiosk-7"]}}
+    )
+    assert r.status_code == 201, r.text
+    dep = r.json()
+    await api.services.software.tick()
+    # the device accepts DownloadInstall (202) and reports the outcome in its next session
+    dm.async_nodes.add("*/Operations/DownloadInstall")
+    dm.session_id = "30"
+    await dm.session()
+    node = "Custos" + pkg["id"][:16]
+    assert dm.tree[f"./SCOMO/Download/{node}/PkgID"] == pkg["id"]
+    assert dm.downloads[node] == (tmp_path / "tool-1.cpkg").read_bytes()
+    show = (await api.get(f"/api/v1/deployments/{dep['id']}")).json()
+    assert show["devices"][0]["state"] == "installing", show
+    dm.session_id = "31"
+    await dm.session()
+    show = (await api.get(f"/api/v1/deployments/{dep['id']}")).json()
+    assert show["devices"][0]["state"] == "installed", show
+    # the download link is for this device and package only, and cannot be forged
+    url = dm.tree[f"./SCOMO/Download/{node}/PkgURL"]
+    token = url.rsplit("/", 1)[1]
+    device_id, package_id, expires, mac = token.split(".")
+    for bad in (
+        f"{device_id}.{package_id}.{int(expires) + 1}.{mac}",
+        f"{'0' * 32}.{package_id}.{expires}.{mac}",
+        "garbage",
+        f"{device_id}.{package_id}.{expires}.{'0' * 40}",
+    ):
+        r = await api.http.get(f"/omadm/pkg/{bad}")
+        assert r.status_code == 404, bad

@@ -67,10 +67,22 @@ async def syncml_endpoint(request: Request) -> Response:
     )
 
 
+async def scomo_download(token: str, request: Request) -> Response:
+    """A package for SCOMO's DownloadInstall: the token names the device and package."""
+    from fastapi.responses import FileResponse
+
+    svc: Services = request.app.state.services
+    path, filename = await svc.omadm.download(token)
+    return FileResponse(path, filename=filename, media_type="application/octet-stream")
+
+
 def install(app: object, path: str) -> None:
-    """The SyncML endpoint at the configured path."""
+    """The SyncML endpoint at the configured path, and SCOMO downloads under it."""
     app.add_api_route(  # type: ignore[attr-defined]
         path, syncml_endpoint, methods=["POST"], include_in_schema=False
+    )
+    app.add_api_route(  # type: ignore[attr-defined]
+        path + "/pkg/{token}", scomo_download, methods=["GET"], include_in_schema=False
     )
 
 

@@ -11,12 +11,15 @@ appear in the command history, are delivered once and closed by the device's Sta
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import hmac
 import logging
 import secrets
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from xml.etree.ElementTree import Element
 
@@ -91,6 +94,7 @@ MAX_INVENTORY_VALUE = 4096
 MAX_FAILURES = 10
 LOCK_S = 300
 MAX_RUNS_PER_MESSAGE = 20
+DOWNLOAD_TTL_S = 7 * 86400
 RUN_OUTPUT_LIMIT = 64 * 1024
 
 
@@ -158,9 +162,12 @@ class OmadmService:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         push: object = None,
+        software: Any = None,
     ) -> None:
         self.db = db
         self.push = push
+        self.software = software
+        self._download_key = hmac.new(secret, b"omadm-downloads", hashlib.sha256).digest()
         self.ca = ca
         self.commands = commands
         self.settings = settings
@@ -349,6 +356,53 @@ class OmadmService:
                 raise Invalid(f"device {device.name} is not an OMA DM device", code="not_omadm")
             return device.id
 
+    # ------------------------------------------------------------ SCOMO downloads
+
+    def _download_mac(self, device_id: str, package_id: str, expires: int) -> str:
+        msg = f"omadm-download|{device_id}|{package_id}|{expires}".encode()
+        return hmac.new(self._download_key, msg, hashlib.sha256).hexdigest()[:40]
+
+    def download_url(self, base_url: str, device_id: str, package_id: str) -> str:
+        """A URL that lets this one device fetch this one package for a week (no other auth:
+        SCOMO clients download with a plain GET)."""
+        expires = int(utcnow().timestamp()) + DOWNLOAD_TTL_S
+        mac = self._download_mac(device_id, package_id, expires)
+        token = f"{device_id}.{package_id}.{expires}.{mac}"
+        root = base_url.split(self.settings.omadm_path, 1)[0] if base_url else ""
+        return f"{root}{self.settings.omadm_path}/pkg/{token}"
+
+    async def download(self, token: str) -> tuple[Path, str]:
+        """The file behind a download token: (path, filename); NotFound for anything wrong."""
+        parts = token.split(".")
+        if len(parts) != 4 or not parts[2].isdigit() or len(token) > 200:
+            raise NotFound("no such download")
+        device_id, package_id, expires_s, mac = parts
+        expires = int(expires_s)
+        good = hmac.compare_digest(mac, self._download_mac(device_id, package_id, expires))
+        if not good or expires < utcnow().timestamp():
+            raise NotFound("no such download (or the link expired)")
+        from custos.software.models import Package
+
+        async with self.db.read() as s:
+            pkg = await s.get(Package, package_id)
+            device = await s.get(Device, device_id)
+        if pkg is None or device is None or device.status != "active":
+            raise NotFound("no such download")
+        if self.software is None:
+            raise NotFound("no such download")
+        await self.software.check_plan_access(device_id, pkg.sha256)
+        path = self.settings.data_dir / "tmp" / "omadm-downloads" / pkg.sha256
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{pkg.sha256}.{secrets.token_hex(4)}.part")
+            await asyncio.to_thread(self.software.store.materialize, pkg.sha256, tmp)
+            tmp.replace(path)
+        return path, pkg.filename
+
+    async def software_report(self, s: AsyncSession, device_id: str, rep: Any) -> None:
+        if self.software is not None:
+            await self.software.report_in(s, device_id, rep)
+
     # ------------------------------------------------------------ package #0
 
     async def package0(self, device_id: str, ui_mode: int = notification.UI_BACKGROUND) -> bytes:
@@ -481,6 +535,7 @@ class _Session:
         # runs whose Exec was accepted (202) and Generic Alerts that finish such runs
         self.waiting: dict[str, dict[str, Any]] = {}
         self.alerts: list[tuple[str, str, str | None, str | None]] = []
+        self.software_done: list[tuple[dict[str, Any], RunResult]] = []
         limit = msg.header.meta.max_msg_size if msg.header.meta else None
         self.out = _Out(min(limit or svc.settings.omadm_max_msg_size, 4 * 1024 * 1024))
         self.client_obj_limit = (
@@ -889,7 +944,10 @@ class _Session:
                 # accepted for asynchronous processing: the result comes in a Generic Alert
                 self.waiting[run_id] = run
                 continue
-            self.results.append(_run_result(run_id, run, self.now))
+            result = _run_result(run_id, run, self.now)
+            self.results.append(result)
+            if "software" in run:
+                self.software_done.append((run, result))
 
     async def _asynchronous_results(self) -> None:
         """Park runs with an accepted Exec; finish parked runs named by Generic Alerts."""
@@ -900,8 +958,10 @@ class _Session:
             await self.s.execute(
                 update(CommandRun)
                 .where(CommandRun.id == run_id, CommandRun.device_id == device_id)
-                .values(state="acked", result={"ops": run["ops"], "waiting_for_alert": True})
+                .values(state="acked", result={**run, "waiting_for_alert": True})
             )
+            if "software" in run:
+                await self._report_software(run, None)
         for correlator, data, source, type_ in self.alerts:
             row = (
                 await self.s.execute(
@@ -925,7 +985,15 @@ class _Session:
                         op["alert_source"] = source[:200]
                     if type_:
                         op["alert_type"] = type_[:200]
-            self.results.append(_run_result(correlator, {"ops": ops}, self.now))
+            finished = {**row[0], "ops": ops}
+            finished.pop("waiting_for_alert", None)
+            result = _run_result(correlator, finished, self.now)
+            self.results.append(result)
+            if "software" in finished:
+                self.software_done.append((finished, result))
+        for run, result in self.software_done:
+            await self._report_software(run, result)
+        self.software_done = []
 
     # -------------------------------------------------------------- management commands
 
@@ -963,7 +1031,11 @@ class _Session:
 
     def _deliver(self, run: DeliveredCommand) -> bool:
         """Add one run's commands to the message; False when they do not fit in it."""
-        ops, why = ops_for(run.kind, run.payload)
+        ops: list[dict[str, Any]] | None
+        if run.kind == "software":
+            ops, why = self._scomo_ops(run), ""
+        else:
+            ops, why = ops_for(run.kind, run.payload)
         if ops is None:
             self.results.append(
                 RunResult(run_id=run.run_id, state="rejected", error=why, finished_at=self.now)
@@ -1011,7 +1083,18 @@ class _Session:
                 self.out.next_id = before
                 return False
         runs = self.state.setdefault("runs", {})
-        runs[run.run_id] = {"ops": [{"verb": o["verb"], "target": o["target"]} for o in ops]}
+        runs[run.run_id] = {
+            "ops": [
+                {"verb": o["verb"], "target": o["target"], **({"ok": o["ok"]} if "ok" in o else {})}
+                for o in ops
+            ]
+        }
+        if run.kind == "software":
+            runs[run.run_id]["software"] = {
+                "deployment_id": run.payload.get("deployment_id"),
+                "package_id": run.payload.get("package_id"),
+                "action": run.payload.get("action"),
+            }
         if wrap:
             self._expect(wrap.cmd_id, {"kind": "wrap", "run": run.run_id})
         for i, c in enumerate(cmds):
@@ -1019,6 +1102,60 @@ class _Session:
                 c.cmd_id, {"kind": "op", "run": run.run_id, "i": i, "target": ops[i]["target"]}
             )
         return True
+
+    def _scomo_ops(self, run: DeliveredCommand) -> list[dict[str, Any]]:
+        """A deployment's install or removal as SCOMO commands.
+
+        Install: a fresh ./SCOMO/Download/<node> with the package's id, name and a download
+        URL for this device alone, then DownloadInstall. Removal: the deployed component's
+        Remove. Both answer at once (200) or accept (202) and report in a Generic Alert.
+        """
+        p = run.payload
+        package_id = str(p.get("package_id", ""))
+        descriptor = p.get("descriptor") or {}
+        node = "Custos" + package_id[:16]
+        if p.get("action") == "uninstall":
+            return [
+                {"verb": "Exec", "target": f"./SCOMO/Inventory/Deployed/{node}/Operations/Remove"}
+            ]
+        base = f"./SCOMO/Download/{node}"
+        assert self.account is not None
+        url = self.svc.download_url(self.peer.url, self.account.device_id, package_id)
+        return [
+            {"verb": "Delete", "target": base, "ok": [NOT_FOUND]},
+            {"verb": "Add", "target": base, "format": "node"},
+            {"verb": "Add", "target": f"{base}/PkgID", "data": package_id},
+            {"verb": "Add", "target": f"{base}/Name", "data": str(descriptor.get("name", ""))},
+            {"verb": "Add", "target": f"{base}/PkgURL", "data": url},
+            {"verb": "Exec", "target": f"{base}/Operations/DownloadInstall"},
+        ]
+
+    async def _report_software(self, run: dict[str, Any], result: RunResult | None) -> None:
+        """Tell the deployment how a SCOMO run ended (None: accepted, still installing)."""
+        sw = run.get("software")
+        if not sw or not sw.get("deployment_id") or not sw.get("package_id"):
+            return
+        from custos.software.schemas import StatusReport
+
+        removal = sw.get("action") == "uninstall"
+        if result is None:
+            state = "removing" if removal else "installing"
+        elif result.state == "succeeded":
+            state = "removed" if removal else "installed"
+        else:
+            state = "failed"
+        assert self.account is not None
+        rep = StatusReport(
+            deployment_id=sw["deployment_id"],
+            package_id=sw["package_id"],
+            state=state,
+            detail=((result.error or "") if result else "")[:500] or f"SCOMO over OMA DM: {state}",
+            log=result.stdout[:4000] if result else "",
+        )
+        try:
+            await self.svc.software_report(self.s, self.account.device_id, rep)
+        except NotFound:
+            log.info("omadm: deployment %s no longer lists the device", sw["deployment_id"])
 
     # -------------------------------------------------------------- inventory and answer
 
@@ -1144,7 +1281,11 @@ def ops_for(kind: str, payload: dict[str, Any]) -> tuple[list[dict[str, Any]] | 
 
 def _run_result(run_id: str, run: dict[str, Any], now: Any) -> RunResult:
     ops = run["ops"]
-    failed = [o for o in ops if not 200 <= int(o.get("status", 0)) < 300]
+    failed = [
+        o
+        for o in ops
+        if not 200 <= int(o.get("status", 0)) < 300 and o.get("status") not in o.get("ok", ())
+    ]
     lines = []
     for o in ops:
         line = f"{o['verb']} {o['target']}: {o.get('status')}"

@@ -158,7 +158,13 @@ class Services:
             ),
             webhooks=WebhookService(db, ca.derive_secret("webhook-secrets")),
             omadm=OmadmService(
-                db, ca, commands, settings, ca.derive_secret("omadm-secrets"), push=push
+                db,
+                ca,
+                commands,
+                settings,
+                ca.derive_secret("omadm-secrets"),
+                push=push,
+                software=software,
             ),
         )
 

@@ -773,35 +773,39 @@ class SoftwareService:
             log.info("software: %s: policy install %s: %s", device_id, rep.state, rep.detail[:200])
             return
         async with self.db.transaction() as uow:
-            s = uow.session
-            row = await s.get(DeploymentDevice, (rep.deployment_id, device_id))
-            if row is None:
-                raise NotFound("this device is not part of that deployment")
-            if row.state == "cancelled":
-                return
-            if row.package_id is not None and row.package_id != rep.package_id:
-                return  # about a version the deployment has moved on from
-            newly_failed = rep.state == "failed" and row.state != "failed"
-            row.state = rep.state
-            row.progress = 100 if rep.state in ("installed", "removed") else rep.progress
-            row.detail = rep.detail
-            if rep.log:
-                row.log = rep.log
-            row.updated_at = utcnow()
-            if newly_failed:
-                dep = await s.get(Deployment, rep.deployment_id)
-                await emit_webhook(
-                    s,
-                    "deployment.failed",
-                    {
-                        "deployment_id": rep.deployment_id,
-                        "deployment": dep.name if dep else None,
-                        "package_id": rep.package_id,
-                        "package": dep.package_name if dep else None,
-                        "device_id": device_id,
-                        "detail": rep.detail,
-                    },
-                )
+            await self.report_in(uow.session, device_id, rep)
+
+    @staticmethod
+    async def report_in(s: AsyncSession, device_id: str, rep: StatusReport) -> None:
+        """report() inside the caller's transaction (OMA DM sessions report SCOMO outcomes)."""
+        row = await s.get(DeploymentDevice, (rep.deployment_id, device_id))
+        if row is None:
+            raise NotFound("this device is not part of that deployment")
+        if row.state == "cancelled":
+            return
+        if row.package_id is not None and row.package_id != rep.package_id:
+            return  # about a version the deployment has moved on from
+        newly_failed = rep.state == "failed" and row.state != "failed"
+        row.state = rep.state
+        row.progress = 100 if rep.state in ("installed", "removed") else rep.progress
+        row.detail = rep.detail
+        if rep.log:
+            row.log = rep.log
+        row.updated_at = utcnow()
+        if newly_failed:
+            dep = await s.get(Deployment, rep.deployment_id)
+            await emit_webhook(
+                s,
+                "deployment.failed",
+                {
+                    "deployment_id": rep.deployment_id,
+                    "deployment": dep.name if dep else None,
+                    "package_id": rep.package_id,
+                    "package": dep.package_name if dep else None,
+                    "device_id": device_id,
+                    "detail": rep.detail,
+                },
+            )
 
     async def catalog(self, device_id: str) -> list[dict[str, Any]]:
         """Packages offered to this device (available deployments that target it)."""
