@@ -1,4 +1,4 @@
-"""Custos benchmarks B1-B5 (issue 3 §5); see bench/README.md.
+"""Custos benchmarks B1-B5 (issue 3 §5), B8 (reports), B9 (OMA DM); see bench/README.md.
 
     .venv/bin/python bench/run.py                    # all of them, full scale (make bench)
     .venv/bin/python bench/run.py b3 --devices 1000  # one, at a smaller scale
@@ -22,14 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import b1
 import b8_reports
 import fleetbench
+import omadm
 from common import PG_DEFAULT, RESULTS, machine, pg_available, pg_server_version, raise_fd_limit
 from deploy import Deployment, default_root, ensure
 
 # full-scale defaults, per issue 3 §5
 DEFAULT_DEVICES = {
-    "b1": 100_000, "b2": 1_000, "b3": 10_000, "b4": 10_000, "b5": 10_000, "b8": 100_000,
+    "b1": 100_000, "b2": 1_000, "b3": 10_000, "b4": 10_000, "b5": 10_000, "b8": 100_000, "b9": 200,
 }  # fmt: skip
-ORDER = ["b1", "b2", "b3", "b4", "b5", "b8"]
+ORDER = ["b1", "b2", "b3", "b4", "b5", "b8", "b9"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,11 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
         help="server processes: B1 runs each, B2/B3/B5 the first [1,2]",
     )  # fmt: skip
-    ap.add_argument("--duration", type=int, default=15, help="B1/B2 measured seconds [15]")
+    ap.add_argument("--duration", type=int, default=15, help="B1/B2/B9 measured seconds [15]")
     ap.add_argument("--warmup", type=int, default=5, help="B1 warm-up seconds [5]")
     ap.add_argument("--threads", type=int, default=2, help="B1 wrk threads [2]")
     ap.add_argument("--connections", type=int, default=64, help="B1 wrk connections [64]")
-    ap.add_argument("--concurrency", type=int, default=64, help="B2/B3/B5 check-ins in flight")
+    ap.add_argument("--concurrency", type=int, default=64, help="B2/B3/B5/B9 requests in flight")
+    ap.add_argument("--httpx", action="store_true", help="B9: load generators on httpx")
+    ap.add_argument("--keep", action="store_true", help="B8/B9: keep their database")
     ap.add_argument("--commands", type=int, default=0, help="B2 commands per device [auto]")
     ap.add_argument("--connect", type=int, default=256, help="B4/B5 handshakes in flight")
     ap.add_argument("--record", nargs="?", const=str(RESULTS), default=None, metavar="FILE")
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name.upper()} ({n:,} devices)", flush=True)
         if name == "b8":  # reports: its own database, seeded in bulk (no enrolled fleet)
             md, ok = b8_reports.run(sub)
+        elif name == "b9":  # OMA DM: its own fresh database and fleet (var/bench/b9)
+            md, ok = omadm.run(sub)
         elif name == "b1":
             md, ok = b1.run(sub, dep, ensure(dep, n, args.enrol))
         else:

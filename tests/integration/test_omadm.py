@@ -10,8 +10,8 @@ import asyncio
 from typing import Any
 
 import httpx
-from sqlalchemy import select
 import pytest
+from sqlalchemy import select
 
 from custos.omadm import auth, codec, notification
 from custos.omadm import message as m
@@ -428,3 +428,16 @@ async def test_deployments_reach_omadm_devices_through_scomo(api: Any, tmp_path:
     ):
         r = await api.http.get(f"/omadm/pkg/{bad}")
         assert r.status_code == 404, bad
+
+
+async def test_a_retired_devid_can_be_registered_again(api: Any) -> None:
+    first = await _enroll(api, name="reused")
+    r = await api.post(f"/api/v1/devices/{first['device_id']}/retire")
+    assert r.status_code == 200, r.text
+    second = await _enroll(api, name="reused-2")
+    assert second["device_id"] != first["device_id"]
+    dm = _client(api, second)
+    replies = await dm.session()
+    assert DmClient.header_status(replies[0]).data == "212"
+    r = await api.get(f"/api/v1/devices/{first['device_id']}")
+    assert r.json()["status"] == "retired"

@@ -231,6 +231,9 @@ def payload_summary(kind: str, payload: dict[str, Any]) -> str:
         return f"{payload.get('interpreter')} script ({len(text)} chars) {args}".rstrip()
     if kind == "collect_file":
         return f"{payload.get('path')} (max {format_bytes(payload.get('max_bytes'))})"
+    if kind == "omadm":
+        ops = payload.get("ops") or []
+        return ", ".join(f"{o.get('verb')} {o.get('target')}" for o in ops)
     if kind == "settings":
         return f"check-in every {payload.get('checkin_interval')} s"
     return ""

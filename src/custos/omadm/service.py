@@ -163,7 +163,10 @@ class OmadmService:
         transport: httpx.AsyncBaseTransport | None = None,
         push: object = None,
         software: Any = None,
+        work: Any = None,
     ) -> None:
+        # the pending-work index: a session of a device with nothing queued asks no query
+        self.work = work
         self.db = db
         self.push = push
         self.software = software
@@ -199,8 +202,19 @@ class OmadmService:
         now = utcnow()
         async with self.db.transaction() as uow:
             s = uow.session
-            if await s.scalar(select(OmadmAccount.id).where(OmadmAccount.dev_id == req.dev_id)):
+            existing = (
+                await s.execute(
+                    select(OmadmAccount, Device.status)
+                    .join(Device, Device.id == OmadmAccount.device_id)
+                    .where(OmadmAccount.dev_id == req.dev_id)
+                )
+            ).first()
+            if existing is not None and existing[1] != "retired":
                 raise Conflict(f"an OMA DM device with DevId {req.dev_id!r} exists")
+            if existing is not None:
+                # a retired device's DM account gives way; the old device row keeps its history
+                await s.delete(existing[0])
+                await s.flush()
             from custos.db.base import new_id
 
             device_id = new_id()
@@ -489,9 +503,13 @@ class OmadmService:
             msg_no = int(msg.header.msg_id)
         except ValueError:
             return _plain(400, "MsgID is not a number")
-        async with self.db.transaction() as uow:
-            session = _Session(self, uow, msg, msg_no, body, kind, peer)
-            reply = await session.run()
+        try:
+            async with self.db.transaction() as uow:
+                session = _Session(self, uow, msg, msg_no, body, kind, peer)
+                reply = await session.run()
+        except IntegrityError:
+            # the same session's message arrived twice at once (SQLite has no row locks)
+            return _plain(409, "this session is being continued by another request: retry")
         return reply
 
     async def prune_sessions(self) -> int:
@@ -527,6 +545,7 @@ class _Session:
         self.peer = peer
         self.now = utcnow()
         self.account: OmadmAccount | None = None
+        self.new_row = False
         self.device: Device | None = None
         self.row: OmadmSession | None = None
         self.state: dict[str, Any] = {}
@@ -657,12 +676,9 @@ class _Session:
                 last_response_hmac="",
                 ended=False,
             )
-            self.s.add(row)
-            try:
-                async with self.s.begin_nested():
-                    await self.s.flush()
-            except IntegrityError:
-                raise Conflict("the session is being continued by another request") from None
+            # added at the end (_finish), and only if the session outlives this message:
+            # the account row is locked, so no other request of this device can race it
+            self.new_row = True
         self.row = row
 
     # -------------------------------------------------------------- authentication
@@ -1016,7 +1032,10 @@ class _Session:
             return
         later: list[dict[str, Any]] = self.state.pop("later", [])
         work = [DeliveredCommand.model_validate(w) for w in later]
-        if len(work) < MAX_RUNS_PER_MESSAGE:
+        index = self.svc.work
+        if len(work) < MAX_RUNS_PER_MESSAGE and (
+            index is None or index.may_have_work(account.device_id)
+        ):
             work += await self.svc.commands.take_pending(
                 self.s, account.device_id, MAX_RUNS_PER_MESSAGE - len(work)
             )
@@ -1226,6 +1245,9 @@ class _Session:
             headers["x-syncml-hmac"] = auth.hmac_header(account.server_id, mac)
         row.state = self.state
         row.ended = bool(self.state.get("ended"))
+        if self.new_row and not (row.ended and self.msg_no == 1):
+            # a session over in its first message is never read again: not stored
+            self.s.add(row)
         row.updated_at = self.now
         row.last_request_sha = hashlib.sha256(self.body).hexdigest()
         row.last_response = body

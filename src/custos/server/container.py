@@ -165,6 +165,7 @@ class Services:
                 ca.derive_secret("omadm-secrets"),
                 push=push,
                 software=software,
+                work=work,
             ),
         )
 
