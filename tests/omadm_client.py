@@ -44,6 +44,9 @@ class DmClient:
     # SCOMO: packages fetched from PkgURL by DownloadInstall, by component node
     downloads: dict[str, bytes] = field(default_factory=dict)
     to_download: list[tuple[str, str]] = field(default_factory=list)
+    # the user's answers to interaction alerts: code → (status, items)
+    user: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
+    shown: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
@@ -257,6 +260,12 @@ class DmClient:
                 for child, code in zip(c.children, codes, strict=True):
                     cmds.append(self._status(child, reply, code))
                 cmds.extend(sub)
+            elif c.name == "Alert" and c.data in ("1100", "1101", "1102", "1103", "1104"):
+                self.shown.append([i.data or "" for i in c.items])
+                code, answers = self.user.get(c.data, (200, []))
+                st = self._status(c, reply, code)
+                st.items = [m.Item(data=a) for a in answers]
+                cmds.append(st)
             elif c.name == "Alert":
                 cmds.append(self._status(c, reply, 200))
             else:

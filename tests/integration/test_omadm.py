@@ -441,3 +441,38 @@ async def test_a_retired_devid_can_be_registered_again(api: Any) -> None:
     assert DmClient.header_status(replies[0]).data == "212"
     r = await api.get(f"/api/v1/devices/{first['device_id']}")
     assert r.json()["status"] == "retired"
+
+
+async def test_user_interaction_alerts(api: Any) -> None:
+    created = await _enroll(api)
+    device = created["device_id"]
+    dm = _client(api, created)
+    await dm.session()
+    dm.user = {"1101": (304, []), "1102": (200, ["blue"]), "1103": (200, ["2"])}
+    qs = []
+    for body in (
+        {"kind": "display", "text": "Your phone is managed by IT", "min_display_s": 5},
+        {"kind": "confirm", "text": "Reboot now?"},
+        {"kind": "input", "text": "Favourite colour?"},
+        {"kind": "single", "text": "Pick a site", "choices": ["Paris", "Lyon"]},
+    ):
+        r = await api.post(f"/api/v1/omadm/devices/{device}/alert", json=body)
+        assert r.status_code == 201, r.text
+        qs.append(r.json()["command_id"])
+    dm.session_id = "40"
+    await dm.session()
+    assert dm.shown[0] == ["MINDT=5", "Your phone is managed by IT"]
+    assert dm.shown[3] == ["", "Pick a site", "Paris", "Lyon"]
+    display, confirm, text, single = [await _run(api, q) for q in qs]
+    assert display["state"] == "succeeded"
+    assert confirm["state"] == "failed" and confirm["result"]["ops"][0]["status"] == 304
+    assert text["result"]["ops"][0]["data"] == "blue"
+    assert single["result"]["ops"][0]["data"] == "2"
+    for bad in (
+        {"kind": "single", "text": "x", "choices": ["only"]},
+        {"kind": "confirm", "text": "x", "choices": ["a", "b"]},
+        {"kind": "shout", "text": "x"},
+        {"kind": "display", "text": ""},
+    ):
+        r = await api.post(f"/api/v1/omadm/devices/{device}/alert", json=bad)
+        assert r.status_code == 422, bad

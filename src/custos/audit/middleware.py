@@ -119,6 +119,14 @@ ACTIONS: dict[str, Action] = {
     "policies.mark_found": Action("device.found", "device:{ref}"),
     "policies.lock_device": Action("device.lock", "device:{ref}"),
     "policies.wipe_device": Action("device.wipe", "device:{ref}"),
+    # OMA DM
+    "omadm.enroll": Action("omadm.enroll", created="device", keys=("device_id", "dev_id")),
+    "omadm.queue_ops": Action("omadm.ops", "device:{ref}"),
+    "omadm.user_alert": Action("omadm.alert", "device:{ref}"),
+    "omadm.notify": Action("omadm.notify", "device:{ref}"),
+    "console.omadm_register": Action("omadm.enroll"),
+    "console.omadm_node_op": Action("omadm.ops", "device:{device_id}"),
+    "console.omadm_notify": Action("omadm.notify", "device:{device_id}"),
     # the web console's form posts: the same actions as the API's
     "console.login": Action("auth.login"),
     "console.logout": Action("auth.logout"),

@@ -1,4 +1,5 @@
-"""Read-only aggregates the console shows and no service offers yet (dashboard, device runs).
+"""Read-only aggregates the console shows and no service offers yet (dashboard, device runs,
+an OMA DM device's account).
 
 Each function is one or two SQL statements whatever the fleet size: counts are grouped in
 the database, never computed over loaded rows. They belong in the owning services (devices,
@@ -8,7 +9,7 @@ commands) once those grow the same reads; the console then calls those instead.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -19,6 +20,8 @@ from custos.db.base import utcnow
 from custos.db.engine import Database
 from custos.devices.models import Device
 from custos.devices.scope import in_scope
+from custos.omadm.models import OmadmAccount
+from custos.omadm.schemas import AccountOut
 from custos.policies.models import DevicePolicy
 
 UNKNOWN = "(unknown)"
@@ -157,19 +160,25 @@ class DeviceRun:
     stderr: str
     error: str | None
     finished_at: datetime | None
+    # the structured result (an OMA DM run's per-node statuses and values)
+    result: dict[str, Any] = field(default_factory=dict)
 
 
-async def device_runs(db: Database, device_id: str, *, limit: int = 20) -> list[DeviceRun]:
-    """The newest command runs on one device with their output (one query)."""
+async def device_runs(
+    db: Database, device_id: str, *, limit: int = 20, kind: str | None = None
+) -> list[DeviceRun]:
+    """The newest command runs on one device with their output, of one kind if given (one
+    query)."""
+    stmt = (
+        select(CommandRun, Command)
+        .join(Command, Command.id == CommandRun.command_id)
+        .where(CommandRun.device_id == device_id)
+    )
+    if kind is not None:
+        stmt = stmt.where(Command.kind == kind)
     async with db.read() as s:
         rows = (
-            await s.execute(
-                select(CommandRun, Command)
-                .join(Command, Command.id == CommandRun.command_id)
-                .where(CommandRun.device_id == device_id)
-                .order_by(CommandRun.created_at.desc(), CommandRun.id)
-                .limit(limit)
-            )
+            await s.execute(stmt.order_by(CommandRun.created_at.desc(), CommandRun.id).limit(limit))
         ).all()
     return [
         DeviceRun(
@@ -185,9 +194,41 @@ async def device_runs(db: Database, device_id: str, *, limit: int = 20) -> list[
             stderr=r.stderr,
             error=r.error,
             finished_at=r.finished_at,
+            result=r.result if isinstance(r.result, dict) else {},
         )
         for r, c in rows
     ]
+
+
+async def omadm_account(db: Database, device_id: str) -> AccountOut | None:
+    """The OMA DM account of one device, None for a device that is not managed over OMA DM.
+
+    The device page asks this only for a device already shown to the user (its scope was
+    checked); OmadmService.list_accounts lists them all, which one page does not need.
+    """
+    async with db.read() as s:
+        row = (
+            await s.execute(
+                select(OmadmAccount, Device.name)
+                .join(Device, Device.id == OmadmAccount.device_id)
+                .where(OmadmAccount.device_id == device_id)
+            )
+        ).first()
+    if row is None:
+        return None
+    a, name = row
+    return AccountOut(
+        device_id=a.device_id,
+        name=name,
+        dev_id=a.dev_id,
+        auth=a.auth,
+        server_id=a.server_id,
+        client_name=a.client_name,
+        last_session_at=a.last_session_at,
+        inventory_at=a.inventory_at,
+        notified_at=a.notified_at,
+        locked_until=a.locked_until,
+    )
 
 
 @dataclass(frozen=True)

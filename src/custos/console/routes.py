@@ -50,6 +50,7 @@ from custos.console.auth import (
 from custos.db.base import utcnow
 from custos.devices.schemas import TokenCreate
 from custos.errors import Conflict, DomainError, Forbidden, Invalid, NotFound
+from custos.omadm.schemas import NodeOp, OpsQueued
 from custos.policies.schemas import AssignmentIn, LockIn, LostIn, PolicyAdd, WipeIn
 from custos.server.container import Services
 from custos.software.schemas import DeploymentCreate
@@ -66,6 +67,11 @@ DEPLOY_DONE = frozenset({"installed", "removed", "failed", "cancelled"})
 DEPLOY_MOVING = frozenset({"queued", "downloading", "downloaded", "installing", "removing"})
 RUN_DONE = frozenset(RUN_TERMINAL)
 HISTORY_LIMIT = 500
+# OMA DM runs listed with their nodes in the device page's OMA DM section
+OMADM_RUNS = 5
+# the node operations the device page's form sends (Copy needs a source node: API and CLI)
+OMADM_VERBS = ("Get", "Replace", "Add", "Delete", "Exec")
+OMADM_FORMATS = ("chr", "int", "bool", "float", "b64", "bin", "xml", "node", "date", "time")
 
 # the console's own pages allow nothing from elsewhere and no inline script or style
 CSP = (
@@ -84,6 +90,7 @@ SECURITY_HEADERS = {
 NAV: tuple[tuple[str, str, str, str | None], ...] = (
     ("dashboard", "Dashboard", PREFIX + "/", None),
     ("devices", "Devices", PREFIX + "/devices", "devices.view"),
+    ("omadm", "OMA DM", PREFIX + "/omadm", "devices.view"),
     ("commands", "Commands", PREFIX + "/commands", "commands.view"),
     ("software", "Software", PREFIX + "/software", "software.view"),
     ("policies", "Policies", PREFIX + "/policies", "policies.view"),
@@ -241,6 +248,11 @@ def install(app: FastAPI) -> None:
     """Mount the console on an app: its pages, its static files, and `/` pointing at it."""
     # before the pages: the pages' catch-all 404 route would shadow it
     app.mount(PREFIX + "/static", StaticFiles(directory=STATIC_DIR), name="console-static")
+    # the OMA DM pages import this module's helpers, hence the import here; before the
+    # pages for the same reason as the static files
+    from custos.console.omadm import router as omadm_router
+
+    app.include_router(omadm_router)
     app.include_router(router)
     app.include_router(root_router)
 
@@ -524,6 +536,11 @@ async def _device_page(
     status: int = 200,
     error: DomainError | None = None,
     lost_form: dict[str, Any] | None = None,
+    omadm_form: dict[str, str] | None = None,
+    omadm_queued: OpsQueued | None = None,
+    omadm_op: NodeOp | None = None,
+    omadm_notified: tuple[bool, str] | None = None,
+    canonical_url: str = "",
 ) -> Response:
     svc = _svc(request)
     if len(device_id) > 255:
@@ -543,6 +560,12 @@ async def _device_page(
     can_retire = user.can("devices.manage") and dev.status == "active"
     compliance = await svc.policies.device_compliance(dev.id, view_scope)
     lost = compliance.lost or {}
+    omadm = None
+    omadm_runs: list[queries.DeviceRun] = []
+    if dev.agent_version.startswith("omadm"):
+        omadm = await queries.omadm_account(svc.db, dev.id)
+        if omadm is not None and user.can("commands.view"):
+            omadm_runs = await queries.device_runs(svc.db, dev.id, kind="omadm", limit=OMADM_RUNS)
     return render(
         request, "device.html", user, status=status, active="devices", dev=dev, inv=inv,
         versions=list(versions.values()), runs=runs, can_run=can_run, can_retire=can_retire,
@@ -553,6 +576,10 @@ async def _device_page(
         notice="" if error else _notice(request),
         lost_form=lost_form or {"lock": True, "wipe": "none", "auto_wipe_days": "",
                                 "dry_run": False, "message": ""},
+        omadm=omadm, omadm_runs=omadm_runs, omadm_queued=omadm_queued, omadm_op=omadm_op,
+        omadm_notified=omadm_notified,
+        omadm_form=omadm_form or {"verb": "Get", "target": "", "value": "", "format": ""},
+        omadm_verbs=OMADM_VERBS, omadm_formats=OMADM_FORMATS, canonical_url=canonical_url,
     )  # fmt: skip
 
 

@@ -183,6 +183,8 @@ def _command(el: Element, depth: int = 0) -> Command:
             cmd.data = _text(el, "Data")
             chal = el.find("Chal")
             cmd.chal = _meta(chal.find("Meta")) if chal is not None else None
+            # user input to an interaction alert comes back as the Status's items
+            cmd.items = [_item(i) for i in el.findall("Item")]
         elif el.tag in CONTAINERS:
             if depth >= 4:
                 cmd.error = "containers nested too deeply"
@@ -290,6 +292,10 @@ def command_element(cmd: Command) -> Element:
         if cmd.chal is not None:
             _put_meta(SubElement(el, "Chal"), cmd.chal)
         _put(el, "Data", cmd.data)
+        for item in cmd.items:
+            it = SubElement(el, "Item")
+            _put_loc(it, "Source", item.source)
+            _put(it, "Data", item.data)
         return el
     if cmd.name in ("Results",):
         _put(el, "MsgRef", cmd.msg_ref)

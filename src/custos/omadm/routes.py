@@ -10,7 +10,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from custos.accounts.service import Principal
-from custos.omadm.schemas import AccountCreate, AccountCreated, AccountOut, OpsQueued, OpsRequest
+from custos.omadm.schemas import (
+    AccountCreate,
+    AccountCreated,
+    AccountOut,
+    OpsQueued,
+    OpsRequest,
+    UserAlert,
+)
 from custos.omadm.service import Peer
 from custos.server.container import Services
 from custos.server.http import require, services
@@ -117,6 +124,17 @@ async def queue_ops(
 ) -> OpsQueued:
     """Queue Get/Replace/Add/Delete/Exec/Copy on a device's nodes and wake it (package #0)."""
     return await svc.omadm.queue_ops(ref, body, who.username, who.device_scope("commands.run"))
+
+
+@admin_router.post("/devices/{ref}/alert", response_model=OpsQueued, status_code=201)
+async def user_alert(
+    ref: str,
+    body: UserAlert,
+    who: Principal = Depends(require("commands.run")),
+    svc: Services = Depends(services),
+) -> OpsQueued:
+    """Show the device's user a message, a yes/no question, a text field or a choice."""
+    return await svc.omadm.queue_alert(ref, body, who.username, who.device_scope("commands.run"))
 
 
 @admin_router.post("/devices/{ref}/notify")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -80,6 +80,53 @@ class NodeOp(Strict):
         if self.verb in ("Get", "Delete") and self.data is not None:
             raise ValueError(f"{self.verb} takes no data")
         return self
+
+
+UI_ALERTS = {
+    "display": "1100",
+    "confirm": "1101",
+    "input": "1102",
+    "single": "1103",
+    "multi": "1104",
+}
+
+
+class UserAlert(Strict):
+    """A user interaction on the device (DM 1.2 Alerts 1100-1104), answered in its Status."""
+
+    kind: Literal["display", "confirm", "input", "single", "multi"]
+    text: SafeStr = Field(min_length=1, max_length=1000)
+    choices: list[Annotated[SafeStr, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=20
+    )
+    min_display_s: int | None = Field(default=None, ge=1, le=3600)
+    max_display_s: int | None = Field(default=None, ge=1, le=86400)
+    default: SafeStr | None = Field(default=None, max_length=200)
+    notify: bool = True
+
+    @model_validator(mode="after")
+    def _shape(self) -> UserAlert:
+        if self.kind in ("single", "multi") and len(self.choices) < 2:
+            raise ValueError(f"a {self.kind} choice needs at least two choices")
+        if self.kind not in ("single", "multi") and self.choices:
+            raise ValueError(f"{self.kind} takes no choices")
+        return self
+
+    def op(self) -> dict[str, Any]:
+        """The alert as a node-operation payload entry (delivered like the others)."""
+        opts = []
+        if self.min_display_s:
+            opts.append(f"MINDT={self.min_display_s}")
+        if self.max_display_s:
+            opts.append(f"MAXDT={self.max_display_s}")
+        if self.default is not None:
+            opts.append(f"DR={self.default}")
+        return {
+            "verb": "Alert",
+            "target": "./",
+            "code": UI_ALERTS[self.kind],
+            "items": ["&".join(opts), self.text, *self.choices],
+        }
 
 
 class OpsRequest(Strict):

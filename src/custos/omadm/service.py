@@ -51,6 +51,7 @@ from custos.omadm.schemas import (
     AccountOut,
     OpsQueued,
     OpsRequest,
+    UserAlert,
 )
 from custos.settings import Settings
 
@@ -320,6 +321,20 @@ class OmadmService:
         self, ref: str, req: OpsRequest, created_by: str, scope: Scope = None
     ) -> OpsQueued:
         """Queue node operations for a device's next session, then wake it with package #0."""
+        payload: dict[str, Any] = {"ops": [op.model_dump(exclude_none=True) for op in req.ops]}
+        if req.atomic:
+            payload["atomic"] = True
+        return await self._queue(ref, payload, req.notify, created_by, scope)
+
+    async def queue_alert(
+        self, ref: str, req: UserAlert, created_by: str, scope: Scope = None
+    ) -> OpsQueued:
+        """Ask the device's user something (Alerts 1100-1104); the answer is the run's result."""
+        return await self._queue(ref, {"ops": [req.op()]}, req.notify, created_by, scope)
+
+    async def _queue(
+        self, ref: str, payload: dict[str, Any], notify: bool, created_by: str, scope: Scope
+    ) -> OpsQueued:
         async with self.db.transaction() as uow:
             s = uow.session
             device = await resolve_device(s, ref, scope)
@@ -330,10 +345,6 @@ class OmadmService:
             )
             if account is None:
                 raise Invalid(f"device {device.name} is not an OMA DM device", code="not_omadm")
-            payload: dict[str, Any] = {"ops": [op.model_dump(exclude_none=True) for op in req.ops]}
-            if req.atomic:
-                payload["atomic"] = True
-            verbs = ",".join(sorted({op.verb for op in req.ops}))
             command_id = await self.commands.queue(
                 uow,
                 kind="omadm",
@@ -348,9 +359,10 @@ class OmadmService:
                 select(CommandRun.id).where(CommandRun.command_id == command_id)
             )
             device_id = device.id
+        verbs = ",".join(sorted({str(op.get("verb")) for op in payload["ops"]}))
         log.info("omadm %s queued for %s by %s", verbs, device_id, created_by)
         notified, detail = False, "not requested"
-        if req.notify:
+        if notify:
             notified, detail = await self.notify(device_id)
         return OpsQueued(
             command_id=command_id,
@@ -918,6 +930,10 @@ class _Session:
         if entry is None:
             return
         entry["status"] = (cmd.data or "").strip()[:10]
+        answers = [i.data for i in cmd.items if i.data is not None]
+        if answers and "data" not in entry:
+            # what the user typed or chose, for an interaction alert
+            entry["data"] = "\n".join(a[:1000] for a in answers[:20])
 
     def _close_answered(self) -> None:
         """Commands with a Status are done; their runs close once all their commands are."""
@@ -1084,6 +1100,13 @@ class _Session:
             meta = None
             if op.get("format") or op.get("type"):
                 meta = m.Meta(format=op.get("format"), type=op.get("type"))
+            if op["verb"] == "Alert":
+                # user interaction: options, the text, then the choices, one Item each
+                items = [m.Item(data=str(x)) for x in op.get("items", [])]
+                cmds.append(
+                    m.Command(name="Alert", cmd_id=self.out.cmd_id(), data=op["code"], items=items)
+                )
+                continue
             item = m.Item(target=op["target"], source=op.get("source"), data=data)
             cmds.append(
                 m.Command(

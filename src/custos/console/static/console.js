@@ -15,6 +15,14 @@
   }
 
   ready(function () {
+    /* a page that answers a form post names its own address (data-canonical-url): the
+       address bar shows it, and reloading fetches that page instead of posting the form
+       a second time (which would queue the same device operation again) */
+    var canonical = document.body.getAttribute("data-canonical-url");
+    if (canonical && canonical.charAt(0) === "/" && window.history.replaceState) {
+      window.history.replaceState(null, "", canonical);
+    }
+
     /* mobile navigation: a disclosure button */
     var toggle = document.querySelector(".nav-toggle");
     var nav = document.getElementById("site-nav");
