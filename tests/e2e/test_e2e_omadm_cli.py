@@ -163,6 +163,17 @@ def test_enroll_list_and_node_operations_with_a_device(e2e: E2E, tmp_path: Path)
         code, out, err = _finish(proc)
         assert code == 1 and "500 command failed" in err, err
 
+        # a question to the user: the typed answer on stdout, exit 0
+        dm.user = {"1102": (200, ["blue"])}
+        proc = _start(
+            env, "omadm", "alert", "phone-1", "Favourite colour?", "--input", "--wait", "20"
+        )
+        wait_for("the alert queued", lambda: len(gateway.requests) == 4)
+        _session(dm, ca_file)
+        code, out, err = _finish(proc)
+        assert code == 0 and out.strip() == "blue", (out, err)
+        assert dm.shown[-1][1] == "Favourite colour?"
+
         # nobody answers: exit 3, said so
         slow = _cli(env, "omadm", "delete", "phone-1", "./Vendor/Acme/Motd", "--wait", "1")
         assert slow.returncode == 3 and "timed out" in slow.stderr, slow.stderr
@@ -200,6 +211,8 @@ def test_enroll_list_and_node_operations_with_a_device(e2e: E2E, tmp_path: Path)
         (_cli(env, "omadm", "set", "phone-1", "./X", "ten", "--format", "int"), 2, "integer"),
         (_cli(env, "omadm", "enroll", "IMEI:2", "--auth", "cert"), 2, "--pfx"),
         (_cli(env, "omadm", "enroll", "IMEI:3", "--auth", "x509"), 2, "--auth is one of"),
+        (_cli(env, "omadm", "alert", "phone-1", "hi", "--choice", "a"), 2, "at least two"),
+        (_cli(env, "omadm", "alert", "phone-1", "hi", "--confirm", "--input"), 2, "one of"),
     ]
     for result, code, message in bad:
         assert result.returncode == code and message in result.stderr, (result.args, result.stderr)

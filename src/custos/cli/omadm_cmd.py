@@ -409,7 +409,7 @@ def _report_ops(run: dict[str, Any]) -> None:
         if op.get("error"):
             line += f" ({op['error']})"
         err.print(f"[{'green' if ok else 'red'}]{_esc(line)}[/]")
-        if op.get("verb") == "Get" and op.get("data") is not None:
+        if op.get("verb") in ("Get", "Alert") and op.get("data") is not None:
             value = str(op["data"])
             sys.stdout.write(value if value.endswith("\n") else value + "\n")
             sys.stdout.flush()
@@ -426,12 +426,16 @@ def _queue(
     wait: float,
     notify: bool,
     json_out: bool,
+    alert: dict[str, Any] | None = None,
 ) -> None:
-    """Queue the ops, then print what happened or wait for the device's answer."""
+    """Queue the ops (or a user alert), then print what happened or wait for the answer."""
     with _client() as c:
-        queued: dict[str, Any] = c.post(
-            f"{BASE}/{_seg(device)}/ops", {"ops": ops, "notify": notify}
-        )
+        if alert is not None:
+            queued: dict[str, Any] = c.post(
+                f"{BASE}/{_seg(device)}/alert", {**alert, "notify": notify}
+            )
+        else:
+            queued = c.post(f"{BASE}/{_seg(device)}/ops", {"ops": ops, "notify": notify})
         cid = str(queued.get("command_id"))
         if wait <= 0:
             if json_out:
@@ -574,6 +578,49 @@ def omadm_exec(
     _queue(device, [op], wait=wait, notify=notify, json_out=json_out)
 
 
+def omadm_alert(
+    device: DeviceArg,
+    text: Annotated[str, typer.Argument(help="what the user is shown")],
+    confirm: Annotated[bool, typer.Option("--confirm", help="a yes/no question")] = False,
+    text_input: Annotated[bool, typer.Option("--input", help="ask for a line of text")] = False,
+    choice: Annotated[
+        list[str] | None, typer.Option("--choice", help="a choice (repeat; at least two)")
+    ] = None,
+    multi: Annotated[bool, typer.Option("--multi", help="several choices allowed")] = False,
+    min_display: Annotated[
+        int | None, typer.Option("--min-display", min=1, max=3600, help="seconds shown at least")
+    ] = None,
+    max_display: Annotated[
+        int | None, typer.Option("--max-display", min=1, max=86400, help="seconds until it goes")
+    ] = None,
+    wait: WaitOpt = 0,
+    notify: NotifyOpt = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show the device's user a message or ask something (OMA DM Alerts 1100-1104).
+
+    With --wait, exit 0 when the user accepted (for --confirm: said yes), 1 otherwise; the
+    typed text or chosen item numbers go to stdout.
+    """
+    kinds = [k for k, on in (("confirm", confirm), ("input", text_input)) if on]
+    if choice:
+        kinds.append("multi" if multi else "single")
+    elif multi:
+        fail("--multi needs --choice", code=2)
+    if len(kinds) > 1:
+        fail("choose one of --confirm, --input, --choice", code=2)
+    if choice is not None and len(choice) < 2:
+        fail("give at least two --choice", code=2)
+    body: dict[str, Any] = {"kind": kinds[0] if kinds else "display", "text": text}
+    if choice:
+        body["choices"] = choice
+    if min_display:
+        body["min_display_s"] = min_display
+    if max_display:
+        body["max_display_s"] = max_display
+    _queue(device, [], wait=wait, notify=notify, json_out=json_out, alert=body)
+
+
 def omadm_notify(device: DeviceArg, json_out: JsonOpt = False) -> None:
     """Send package #0 now so the device opens a session; exit 1 if it was not delivered."""
     with _client() as c:
@@ -603,5 +650,6 @@ def register(app: typer.Typer) -> None:
     omadm.command("set")(omadm_set)
     omadm.command("delete")(omadm_delete)
     omadm.command("exec")(omadm_exec)
+    omadm.command("alert")(omadm_alert)
     omadm.command("notify")(omadm_notify)
     app.add_typer(omadm, name="omadm")
