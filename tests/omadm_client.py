@@ -47,6 +47,7 @@ class DmClient:
     # the user's answers to interaction alerts: code → (status, items)
     user: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
     shown: list[list[str]] = field(default_factory=list)
+    partial: dict[str, tuple[str, int | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
@@ -188,6 +189,24 @@ class DmClient:
                 code = 200
             else:
                 code = 404
+        elif cmd.name in ("Replace", "Add") and (item.more_data or uri in self.partial):
+            # a large object in pieces: 213 until the last, then the size must match
+            held, size = self.partial.get(uri, ("", None))
+            if size is None:
+                size = (item.meta.size if item.meta else None) or (
+                    cmd.meta.size if cmd.meta else None
+                )
+            joined = held + (item.data or "")
+            if item.more_data:
+                self.partial[uri] = (joined, size)
+                code = 213
+            else:
+                del self.partial[uri]
+                if size is not None and len(joined.encode()) != size:
+                    code = 424
+                else:
+                    self.tree[uri] = joined
+                    code = 200
         elif cmd.name in ("Replace", "Add"):
             if cmd.name == "Add" and uri in self.tree:
                 code = 418  # already exists

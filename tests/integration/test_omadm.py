@@ -476,3 +476,83 @@ async def test_user_interaction_alerts(api: Any) -> None:
     ):
         r = await api.post(f"/api/v1/omadm/devices/{device}/alert", json=bad)
         assert r.status_code == 422, bad
+
+
+async def test_large_objects_are_split_and_joined_with_moredata(api: Any) -> None:
+    created = await _enroll(api)
+    device = created["device_id"]
+    dm = _client(api, created, max_msg_size=3000)
+    await dm.session()
+    # server → device: a 20 kB value in pieces under the device's MaxMsgSize, Size first
+    blob = "".join(f"line {i:05d} é\n" for i in range(1500))
+    q = await _queue(
+        api, device, [{"verb": "Replace", "target": "./Vendor/Acme/Config", "data": blob}]
+    )
+    dm.session_id = "50"
+    replies = await dm.session(max_messages=60)
+    assert dm.tree["./Vendor/Acme/Config"] == blob
+    assert len(replies) > 8
+    for _msg, reply in dm.log[-len(replies) :]:
+        assert len(codec.to_xml(m.build(reply))) <= 3000
+    assert (await _run(api, q["command_id"]))["state"] == "succeeded"
+    # a value that could never be split for this run (with other ops) is refused clearly
+    q = await _queue(
+        api,
+        device,
+        [
+            {"verb": "Replace", "target": "./Vendor/Acme/Config", "data": blob},
+            {"verb": "Exec", "target": "./Vendor/Acme/Reload"},
+        ],
+    )
+    dm.session_id = "51"
+    await dm.session()
+    run = await _run(api, q["command_id"])
+    assert run["state"] == "failed" and "MoreData" in run["error"]
+    # device → server: Results in pieces are joined (213 per piece), a wrong Size is 424
+    dm2 = _client(api, created, client_nonce=dm.client_nonce)
+    dm2.session_id = "52"
+    dm2.msg_id = 0
+    first = dm2.package1()
+    big = "x" * 5000
+    first.commands.append(
+        m.Command(
+            name="Replace",
+            cmd_id="90",
+            meta=m.Meta(size=len(big)),
+            items=[m.Item(source="./DevDetail/Ext/Big", data=big[:3000], more_data=True)],
+        )
+    )
+    first.final = False  # the package goes on until the object's last piece
+    reply = await dm2.send(first)
+    assert {c.cmd_ref: c.data for c in reply.commands if c.name == "Status"}["90"] == "213"
+    assert not reply.final and [c.data for c in reply.commands if c.name == "Alert"] == ["1222"]
+    second = m.Message(
+        header=dm2.header(cred=False),
+        commands=[
+            m.Command(
+                name="Replace",
+                cmd_id="91",
+                items=[m.Item(source="./DevDetail/Ext/Big", data=big[3000:])],
+            )
+        ],
+    )
+    reply = await dm2.send(second)
+    assert {c.cmd_ref: c.data for c in reply.commands if c.name == "Status"}["91"] == "200"
+    r = await api.get(f"/api/v1/devices/{device}")
+    assert r.json()["inventory"]["dm/DevDetail/Ext/Big"] == big[:4096]
+    third = m.Message(
+        header=dm2.header(cred=False),
+        commands=[
+            m.Command(
+                name="Replace",
+                cmd_id="92",
+                meta=m.Meta(size=10),
+                items=[m.Item(source="./DevDetail/Ext/Odd", data="abc", more_data=True)],
+            ),
+            m.Command(
+                name="Replace", cmd_id="93", items=[m.Item(source="./DevDetail/Ext/Odd", data="de")]
+            ),
+        ],
+    )
+    reply = await dm2.send(third)
+    assert {c.cmd_ref: c.data for c in reply.commands if c.name == "Status"}["93"] == "424"

@@ -93,7 +93,7 @@ def parse_xml(data: bytes, *, max_nodes: int = MAX_NODES, max_depth: int = MAX_D
     return root
 
 
-def _escape(text: str) -> str:
+def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
@@ -107,7 +107,7 @@ def _write(el: Element, out: list[str], in_metinf: bool) -> None:
         return
     out.append(f"<{tag}{ns}>")
     if el.text:
-        out.append(_escape(el.text))
+        out.append(escape(el.text))
     for child in children:
         _write(child, out, is_metinf)
     out.append(f"</{tag}>")

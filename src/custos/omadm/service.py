@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import hashlib
 import hmac
 import logging
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import flag_modified
 
 from custos.commands.schemas import DeliveredCommand, RunResult
 from custos.commands.service import CommandService
@@ -131,7 +133,7 @@ class _Out:
     def __init__(self, limit: int) -> None:
         self.next_id = 1
         self.elements: list[Element] = []
-        self.size = 600  # header, Final and the encoding's overhead
+        self.size = 900  # header (with Cred and Meta), Final and the encoding's overhead
         self.limit = limit
         self.management = 0
 
@@ -603,7 +605,9 @@ class _Session:
             return self._header_only(BAD_REQUEST)
         row.client_msg_id = self.msg_no
         row.server_msg_id += 1
-        self.state = dict(row.state or {})
+        # a deep copy: the nested dicts would otherwise be the loaded value itself, and a
+        # change made only inside them would compare equal to it and never be written
+        self.state = copy.deepcopy(row.state or {})
         status, chal = self._authenticate()
         hdr_status = m.Command(
             name="Status",
@@ -851,18 +855,30 @@ class _Session:
                     )
         self._status(cmd, OK)
 
-    def _chunk(self, key: str, item: m.Item) -> str | None:
-        """Join MoreData chunks: the whole value on the last chunk, None while more come."""
+    def _chunk(self, key: str, item: m.Item, declared: int | None = None) -> str | None:
+        """Join MoreData chunks: the whole value on the last chunk, None while more come.
+
+        ValueError("size") when the joined object is not the size its first chunk announced
+        (Status 424), ValueError("large") past the object limit (413).
+        """
         chunks = self.state.setdefault("chunks", {})
-        so_far = chunks.get(key, "") + (item.data or "")
+        held = chunks.get(key)
+        if held is None and not item.more_data:
+            return item.data or ""  # the common case: one whole value
+        so_far = (held["data"] if held else "") + (item.data or "")
+        size = (
+            held["size"] if held else (item.meta.size if item.meta and item.meta.size else declared)
+        )
         limit = self.svc.settings.omadm_max_obj_size
-        if len(so_far) > limit:
+        if len(so_far) > limit or (size is not None and size > limit):
             chunks.pop(key, None)
-            raise ValueError(f"object larger than {limit} bytes")
+            raise ValueError("large")
         if item.more_data:
-            chunks[key] = so_far
+            chunks[key] = {"data": so_far, "size": size}
             return None
         chunks.pop(key, None)
+        if size is not None and len(so_far.encode()) != size:
+            raise ValueError("size")
         return so_far
 
     def _on_report(self, cmd: m.Command) -> int:
@@ -874,9 +890,9 @@ class _Session:
                 code = BAD_REQUEST
                 continue
             try:
-                value = self._chunk(f"in:{uri}", item)
-            except ValueError:
-                return TOO_LARGE
+                value = self._chunk(f"in:{uri}", item, cmd.meta.size if cmd.meta else None)
+            except ValueError as exc:
+                return SIZE_MISMATCH if str(exc) == "size" else TOO_LARGE
             if value is None:
                 code = CHUNK_ACCEPTED
                 continue
@@ -951,6 +967,13 @@ class _Session:
             if entry.get("kind") == "wrap":
                 run["wrap_status"] = entry["status"]
                 continue
+            if entry.get("kind") == "chunk" and not entry.get("last"):
+                if entry["status"] == str(CHUNK_ACCEPTED):
+                    continue  # the device holds the chunk: the next one goes out
+                # refused half-way: the op ends with the device's code
+                self.state.pop("stream", None)
+            elif entry.get("kind") == "chunk":
+                self.state.pop("stream", None)
             op = run["ops"][entry["i"]]
             op["status"] = int(entry["status"]) if entry["status"].isdigit() else 0
             if "data" in entry:
@@ -964,7 +987,9 @@ class _Session:
             for key in [k for k in out if k.split(":", 1)[0] != current]:
                 entry = out.pop(key)
                 run = runs.get(entry.get("run", ""))
-                if run is not None and entry.get("kind") == "op":
+                if entry.get("kind") == "chunk":
+                    self.state.pop("stream", None)
+                if run is not None and entry.get("kind") in ("op", "chunk"):
                     op = run["ops"][entry["i"]]
                     op.setdefault("status", 0)
                     op.setdefault("error", "no Status from the device")
@@ -1032,6 +1057,9 @@ class _Session:
     async def _send_management(self) -> None:
         if self.state.get("out"):
             return  # still waiting for Statuses of what was sent before
+        if self.state.get("stream"):
+            self._next_chunk()  # a large object under way: one chunk per message
+            return
         account = self.account
         assert account is not None
         interval = self.svc.settings.omadm_inventory_interval_s
@@ -1060,6 +1088,42 @@ class _Session:
                 self.state["later"] = [w.model_dump(mode="json") for w in work[i:]]
                 break
 
+    def _next_chunk(self) -> None:
+        """The next piece of a large object: MoreData on all but the last; Size on the first."""
+        st = self.state["stream"]
+        raw: bytes = st["data"].encode()
+        # what this message has left, less the command's own markup (Target, Meta, MoreData)
+        budget = max(self.out.limit - self.out.size - 300 - len(st["target"]), 256)
+        pos = int(st["pos"])  # in bytes
+        end = min(pos + budget, len(raw))
+        while True:
+            # never cut inside a UTF-8 sequence, and leave room for XML escapes
+            while end < len(raw) and end > pos + 1 and (raw[end] & 0xC0) == 0x80:
+                end -= 1
+            piece = raw[pos:end].decode()
+            grown = len(codec.escape(piece).encode()) - (end - pos)
+            if grown <= 0 or end - pos <= 64:
+                break
+            end = max(pos + 64, end - grown)
+        last = end >= len(raw)
+        meta = None
+        if pos == 0 or st.get("format") or st.get("type"):
+            meta = m.Meta(
+                format=st.get("format"), type=st.get("type"), size=st["size"] if pos == 0 else None
+            )
+        cmd = m.Command(
+            name=st["verb"],
+            cmd_id=self.out.cmd_id(),
+            meta=meta,
+            items=[m.Item(target=st["target"], data=piece, more_data=not last)],
+        )
+        self.out.add(cmd, management=True)
+        st["pos"] = end
+        self._expect(
+            cmd.cmd_id,
+            {"kind": "chunk", "run": st["run"], "i": 0, "target": st["target"], "last": last},
+        )
+
     def _expect(self, cmd_id: str, entry: dict[str, Any]) -> None:
         assert self.row is not None
         self.state.setdefault("out", {})[f"{self.row.server_msg_id}:{cmd_id}"] = entry
@@ -1075,6 +1139,40 @@ class _Session:
             self.results.append(
                 RunResult(run_id=run.run_id, state="rejected", error=why, finished_at=self.now)
             )
+            return True
+        budget = self.out.limit - 1200
+        big = [
+            i for i, op in enumerate(ops) if op.get("data") and len(op["data"].encode()) > budget
+        ]
+        if big:
+            if len(ops) != 1 or run.payload.get("atomic"):
+                self.results.append(
+                    RunResult(
+                        run_id=run.run_id,
+                        state="failed",
+                        error="a value larger than the device's MaxMsgSize is sent in pieces "
+                        "(MoreData), which needs it alone in its run",
+                        finished_at=self.now,
+                    )
+                )
+                return True
+            if self.out.management:
+                return False  # it starts a message of its own
+            op = ops[0]
+            self.state["stream"] = {
+                "run": run.run_id,
+                "verb": op["verb"],
+                "target": op["target"],
+                "format": op.get("format"),
+                "type": op.get("type"),
+                "data": op["data"],
+                "size": len(op["data"].encode()),
+                "pos": 0,
+            }
+            self.state.setdefault("runs", {})[run.run_id] = {
+                "ops": [{"verb": op["verb"], "target": op["target"]}]
+            }
+            self._next_chunk()
             return True
         before = self.out.next_id
         wrap = (
@@ -1267,6 +1365,7 @@ class _Session:
             mac = auth.hmac_mac(server_ha1, auth.unb64(account.server_nonce), body)
             headers["x-syncml-hmac"] = auth.hmac_header(account.server_id, mac)
         row.state = self.state
+        flag_modified(row, "state")
         row.ended = bool(self.state.get("ended"))
         if self.new_row and not (row.ended and self.msg_no == 1):
             # a session over in its first message is never read again: not stored
