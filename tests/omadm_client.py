@@ -144,6 +144,9 @@ class DmClient:
             self.server_auth_ok = got["mac"] == expect and got["username"] == self.server_id
         tree, _ = codec.decode(r.content, r.headers["content-type"])
         reply = m.parse(tree)
+        if reply.header.resp_uri:
+            # the rest of the session goes where the server said
+            self.url = reply.header.resp_uri
         self.log.append((msg, reply))
         self._check_server(reply)
         return reply
@@ -322,6 +325,7 @@ class DmClient:
     async def session(self, alert: str = "1201", *, max_messages: int = 20) -> list[m.Message]:
         """A whole session: package 1 with credentials, then answers until the server is done."""
         self.msg_id = 0
+        self.url = self.url.split("?", 1)[0]
         reply = await self.send(self.package1(alert))
         replies = [reply]
         for _ in range(max_messages):

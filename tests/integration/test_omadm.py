@@ -260,6 +260,16 @@ async def test_retransmission_gets_the_same_answer_and_state_survives_another_ap
     dm.log.append((msg, reply))
     nxt = dm.respond(reply)
     assert nxt is not None
+    # someone who knows the DevId and SessionID but not the RespURI's token gets nothing
+    intruder = await api.http.post(
+        "/omadm", content=codec.to_xml(m.build(nxt)), headers={"content-type": codec.XML_TYPE}
+    )
+    hijack = m.parse(codec.parse_xml(intruder.content))
+    assert DmClient.header_status(hijack).data == "407"
+    assert not [c for c in hijack.commands if c.name == "Get"]
+    assert hijack.header.resp_uri is None  # the token is not given away
+    assert reply.header.resp_uri and "?s=" in reply.header.resp_uri
+    dm.url = reply.header.resp_uri
     # the next message goes to another server process on the same database
     other = create_app(settings)
     async with (

@@ -67,6 +67,7 @@ async def syncml_endpoint(request: Request) -> Response:
         client_cert_der=_client_cert(request, svc),
         hmac=request.headers.get("x-syncml-hmac"),
         url=str(request.url),
+        session_token=request.query_params.get("s", "")[:64],
     )
     reply = await svc.omadm.handle(body, request.headers.get("content-type"), peer)
     return Response(

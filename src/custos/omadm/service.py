@@ -108,6 +108,8 @@ class Peer:
     client_cert_der: bytes | None = None
     hmac: str | None = None
     url: str = ""
+    # the `s` query parameter: the session token of the RespURI this server handed out
+    session_token: str = ""
 
 
 @dataclass
@@ -560,6 +562,8 @@ class _Session:
         self.now = utcnow()
         self.account: OmadmAccount | None = None
         self.new_row = False
+        self.keep_row = False
+        self.accepted = False
         self.device: Device | None = None
         self.row: OmadmSession | None = None
         self.state: dict[str, Any] = {}
@@ -598,17 +602,37 @@ class _Session:
         row = self.row
         assert row is not None
         sha = hashlib.sha256(self.body).hexdigest()
-        if self.msg_no == row.client_msg_id and sha == row.last_request_sha and row.last_response:
+        token = str((row.state or {}).get("resp_token", ""))
+        same_channel = (
+            not token
+            or self.msg_no == 1
+            or hmac.compare_digest(self.peer.session_token.encode(), token.encode())
+        )
+        if (
+            self.msg_no == row.client_msg_id
+            and sha == row.last_request_sha
+            and row.last_response
+            and same_channel
+        ):
             headers = {"x-syncml-hmac": row.last_response_hmac} if row.last_response_hmac else {}
             return Reply(200, row.last_response, row.last_response_type, headers)
         if self.msg_no <= row.client_msg_id:
             return self._header_only(BAD_REQUEST)
+        was_authenticated = row.authenticated
         row.client_msg_id = self.msg_no
         row.server_msg_id += 1
         # a deep copy: the nested dicts would otherwise be the loaded value itself, and a
         # change made only inside them would compare equal to it and never be written
         self.state = copy.deepcopy(row.state or {})
         status, chal = self._authenticate()
+        self.accepted = status in (OK, AUTH_ACCEPTED)
+        if was_authenticated and status not in (OK, AUTH_ACCEPTED):
+            # a message that failed to continue an authenticated session (an intruder, or
+            # the client at the wrong URL) leaves the session as it was for its owner
+            row.client_msg_id = self.msg_no - 1
+            row.server_msg_id -= 1
+            self.state = copy.deepcopy(row.state or {})
+            self.keep_row = True
         hdr_status = m.Command(
             name="Status",
             cmd_id=self.out.cmd_id(),
@@ -735,13 +759,14 @@ class _Session:
                 ok = False
         else:
             used = method
-        if (
-            not ok
-            and not given
-            and row.authenticated
-            and row.auth_method in ("md5", "basic", "cert")
-        ):
-            return OK, None
+        if not ok and not given and row.authenticated and row.auth_method in ("md5", "basic"):
+            # later messages of a session need no credentials, but must come to the RespURI
+            # this server gave: its token proves they come from whoever authenticated (a
+            # guessable SessionID alone would let anyone continue the session). Certificate
+            # sessions are checked on every message above.
+            token = str(self.state.get("resp_token", ""))
+            if token and hmac.compare_digest(self.peer.session_token.encode(), token.encode()):
+                return OK, None
         chal_type = {"md5": auth.AUTH_MD5, "hmac": auth.AUTH_HMAC, "basic": auth.AUTH_BASIC}.get(
             method
         )
@@ -749,6 +774,8 @@ class _Session:
             first = not row.authenticated
             row.authenticated = True
             row.auth_method = used
+            if used in ("md5", "basic"):
+                self.state.setdefault("resp_token", secrets.token_urlsafe(18))
             account.failures = 0
             chal = None
             if used in ("md5", "hmac"):
@@ -1346,10 +1373,18 @@ class _Session:
             ver_dtd=h.ver_dtd or "1.2",
             ver_proto=h.ver_proto or "DM/1.2",
             cred=cred,
+            resp_uri=self._resp_uri(),
             meta=m.Meta(
                 max_msg_size=settings.omadm_max_msg_size, max_obj_size=settings.omadm_max_obj_size
             ),
         )
+
+    def _resp_uri(self) -> str | None:
+        """Where the rest of this session goes: the endpoint with the session's token."""
+        token = self.state.get("resp_token")
+        if not token or not self.peer.url or not self.accepted:
+            return None  # never handed to a message that did not authenticate
+        return f"{self.peer.url.split('?', 1)[0]}?s={token}"
 
     def _finish(self, final: bool, settings: Settings) -> Reply:
         account, row, device = self.account, self.row, self.device
@@ -1364,6 +1399,8 @@ class _Session:
             )
             mac = auth.hmac_mac(server_ha1, auth.unb64(account.server_nonce), body)
             headers["x-syncml-hmac"] = auth.hmac_header(account.server_id, mac)
+        if self.keep_row:
+            return Reply(200, body, self.kind, headers)
         row.state = self.state
         flag_modified(row, "state")
         row.ended = bool(self.state.get("ended"))
