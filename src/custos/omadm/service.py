@@ -519,6 +519,8 @@ class OmadmService:
             msg_no = int(msg.header.msg_id)
         except ValueError:
             return _plain(400, "MsgID is not a number")
+        if not 0 < msg_no < 2**31:
+            return _plain(400, "MsgID must be a positive number below 2^31")
         try:
             async with self.db.transaction() as uow:
                 session = _Session(self, uow, msg, msg_no, body, kind, peer)
