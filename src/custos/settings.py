@@ -247,7 +247,9 @@ class Settings(BaseSettings):
     console_session_ttl_s: int = Field(default=8 * 3600, ge=300, le=30 * 86400)
     # OMA DM (SyncML DM 1.2): the endpoint's path, this server's identifier towards clients
     omadm_path: str = Field(default="/omadm", pattern=r"^/[A-Za-z0-9/_.-]{1,100}$")
-    omadm_server_id: str = Field(default="custos", min_length=1, max_length=100)
+    omadm_server_id: str = Field(
+        default="custos", min_length=1, max_length=100, pattern=r"^[^\",\s]+$"
+    )
     # what this server accepts and tells clients in its MaxMsgSize / MaxObjSize
     omadm_max_msg_size: int = Field(default=64 * 1024, ge=2048, le=4 * 1024 * 1024)
     omadm_max_obj_size: int = Field(default=1024 * 1024, ge=4096, le=64 * 1024 * 1024)

@@ -116,6 +116,8 @@ def parse_hmac_header(value: str) -> dict[str, str]:
 
 
 def hmac_header(name: str, mac: str) -> str:
+    if '"' in name or "," in name:
+        raise AuthError("an x-syncml-hmac username cannot hold quotes or commas")
     return f'algorithm=MD5, username="{name}", mac={mac}'
 
 

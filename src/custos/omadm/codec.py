@@ -94,7 +94,9 @@ def parse_xml(data: bytes, *, max_nodes: int = MAX_NODES, max_depth: int = MAX_D
 
 
 def escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """Text content escaped; CR as a reference, or XML's line-end handling would drop it."""
+    out = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return out.replace("\r", "&#13;") if "\r" in out else out
 
 
 def _write(el: Element, out: list[str], in_metinf: bool) -> None:

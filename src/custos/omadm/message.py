@@ -105,7 +105,17 @@ def _text(el: Element | None, name: str) -> str | None:
     text = child.text or ""
     if len(text) > MAX_TEXT:
         raise MessageError(f"{name} longer than {MAX_TEXT} characters")
-    return text.strip() if name != "Data" else text
+    if name == "Data":
+        return _clean(text)
+    if "\x00" in text:
+        # ids, URIs and codes never hold NUL (and no database column could store one)
+        raise MessageError(f"{name} contains a NUL character")
+    return text.strip()
+
+
+def _clean(text: str) -> str:
+    """Data as stored and shown: NUL (which no text column holds) becomes U+FFFD."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 def _int(value: str | None, name: str) -> int | None:
@@ -152,8 +162,12 @@ def _data(el: Element) -> str | None:
         # nested markup (e.g. a DevInf or a Windows XML blob): kept as its text form
         from custos.omadm.codec import to_xml
 
-        return "".join(to_xml(child).decode() for child in data)
-    return data.text or ""
+        text = "".join(to_xml(child).decode() for child in data)
+    else:
+        text = data.text or ""
+    if len(text) > MAX_TEXT:
+        raise MessageError(f"Data longer than {MAX_TEXT} characters")
+    return _clean(text)
 
 
 def _item(el: Element) -> Item:
@@ -331,6 +345,8 @@ def header_element(h: Header) -> Element:
     _put(src, "LocURI", h.source)
     _put(src, "LocName", h.source_name)
     _put(el, "RespURI", h.resp_uri)
+    if h.no_resp:
+        SubElement(el, "NoResp")
     if h.cred is not None:
         cred = SubElement(el, "Cred")
         _put_meta(cred, Meta(format=h.cred.format, type=h.cred.type))

@@ -22,7 +22,8 @@ class AccountCreate(Strict):
     dev_id: SafeStr = Field(min_length=1, max_length=255)
     name: SafeStr | None = Field(default=None, max_length=255)
     auth: Literal["basic", "md5", "hmac", "cert"] = "md5"
-    client_name: SafeStr | None = Field(default=None, max_length=100)
+    # printable, without the quote and comma that would break the x-syncml-hmac header
+    client_name: SafeStr | None = Field(default=None, max_length=100, pattern=r'^[^",\s]+$')
     client_password: SafeStr | None = Field(default=None, min_length=8, max_length=200)
     server_password: SafeStr | None = Field(default=None, min_length=8, max_length=200)
     group: SafeStr | None = Field(default=None, max_length=100)

@@ -201,6 +201,11 @@ class OmadmService:
 
             check_url(req.notify_url)
         client_name = req.client_name or req.dev_id
+        if req.auth == "hmac" and any(c in client_name for c in '", '):
+            raise Invalid(
+                "an HMAC client name may not contain quotes, commas or spaces: give --client-name",
+                code="bad_client_name",
+            )
         client_password = req.client_password or secrets.token_urlsafe(18)
         server_password = req.server_password or secrets.token_urlsafe(18)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -961,11 +966,12 @@ class _Session:
         assert account is not None
         if cmd.cmd == "SyncHdr" or cmd.cmd_ref == "0":
             code = (cmd.data or "").strip()
-            if cmd.chal is not None and cmd.chal.next_nonce:
+            nonce = cmd.chal.next_nonce if cmd.chal is not None else None
+            if nonce and len(nonce) <= 96:
                 # the client wants this server's next credentials made with this nonce
                 try:
-                    auth.unb64(cmd.chal.next_nonce)
-                    account.server_nonce = cmd.chal.next_nonce
+                    auth.unb64(nonce)
+                    account.server_nonce = nonce
                 except auth.AuthError:
                     pass
             self.state["server_authenticated"] = code in ("200", "212")
