@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -156,12 +157,15 @@ class Poster:
     def connection(self) -> RawHTTP | None:
         return None if self.http is not None else RawHTTP(self.url, self.ctx)
 
-    async def post(self, conn: RawHTTP | None, body: bytes) -> tuple[int, bytes]:
+    async def post(
+        self, conn: RawHTTP | None, body: bytes, path: str | None = None
+    ) -> tuple[int, bytes]:
         headers = {"content-type": codec.XML_TYPE}
+        path = path or self.path
         if conn is not None:
-            return await conn.post(self.path, headers, body)
+            return await conn.post(path, headers, body)
         assert self.http is not None
-        r = await self.http.post(self.path, content=body, headers=headers)
+        r = await self.http.post(path, content=body, headers=headers)
         return r.status_code, r.content
 
     async def aclose(self) -> None:
@@ -226,14 +230,19 @@ async def full_session(poster: Poster, conn: RawHTTP | None, dev: DmDevice) -> i
     """A whole session (the warm-up: it answers the DevDetail Gets); the messages it took."""
     body: bytes | None = dev.package1()
     msgs = 0
+    path: str | None = None
     while body is not None:
         msgs += 1
         if msgs > 10:
             raise SessionError("the warm-up session did not end")
-        status, data = await poster.post(conn, body)
+        status, data = await poster.post(conn, body, path)
         if status != 200:
             raise SessionError(f"HTTP {status}: {data[:200]!r}")
-        body = answer(dev, dev.take_reply(data), msgs + 1)
+        reply = dev.take_reply(data)
+        if reply.header.resp_uri:
+            # the rest of the session goes to the RespURI (it carries the session's token)
+            path = urlsplit(reply.header.resp_uri)._replace(scheme="", netloc="").geturl()
+        body = answer(dev, reply, msgs + 1)
     return msgs
 
 
