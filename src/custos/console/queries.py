@@ -20,8 +20,6 @@ from custos.db.base import utcnow
 from custos.db.engine import Database
 from custos.devices.models import Device
 from custos.devices.scope import in_scope
-from custos.omadm.models import OmadmAccount
-from custos.omadm.schemas import AccountOut
 from custos.policies.models import DevicePolicy
 
 UNKNOWN = "(unknown)"
@@ -198,37 +196,6 @@ async def device_runs(
         )
         for r, c in rows
     ]
-
-
-async def omadm_account(db: Database, device_id: str) -> AccountOut | None:
-    """The OMA DM account of one device, None for a device that is not managed over OMA DM.
-
-    The device page asks this only for a device already shown to the user (its scope was
-    checked); OmadmService.list_accounts lists them all, which one page does not need.
-    """
-    async with db.read() as s:
-        row = (
-            await s.execute(
-                select(OmadmAccount, Device.name)
-                .join(Device, Device.id == OmadmAccount.device_id)
-                .where(OmadmAccount.device_id == device_id)
-            )
-        ).first()
-    if row is None:
-        return None
-    a, name = row
-    return AccountOut(
-        device_id=a.device_id,
-        name=name,
-        dev_id=a.dev_id,
-        auth=a.auth,
-        server_id=a.server_id,
-        client_name=a.client_name,
-        last_session_at=a.last_session_at,
-        inventory_at=a.inventory_at,
-        notified_at=a.notified_at,
-        locked_until=a.locked_until,
-    )
 
 
 @dataclass(frozen=True)

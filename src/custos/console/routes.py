@@ -563,7 +563,7 @@ async def _device_page(
     omadm = None
     omadm_runs: list[queries.DeviceRun] = []
     if dev.agent_version.startswith("omadm"):
-        omadm = await queries.omadm_account(svc.db, dev.id)
+        omadm = await svc.omadm.account(dev.id)
         if omadm is not None and user.can("commands.view"):
             omadm_runs = await queries.device_runs(svc.db, dev.id, kind="omadm", limit=OMADM_RUNS)
     return render(

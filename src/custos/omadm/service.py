@@ -120,6 +120,21 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def _account_out(a: OmadmAccount, name: str) -> AccountOut:
+    return AccountOut(
+        device_id=a.device_id,
+        name=name,
+        dev_id=a.dev_id,
+        auth=a.auth,
+        server_id=a.server_id,
+        client_name=a.client_name,
+        last_session_at=a.last_session_at,
+        inventory_at=a.inventory_at,
+        notified_at=a.notified_at,
+        locked_until=a.locked_until,
+    )
+
+
 def _plain(status: int, text: str) -> Reply:
     return Reply(status, (text + "\n").encode(), "text/plain; charset=utf-8")
 
@@ -308,21 +323,20 @@ class OmadmService:
             )
             stmt = stmt.where(in_scope(Device.id, scope))
             rows = (await s.execute(stmt.order_by(Device.name))).all()
-        return [
-            AccountOut(
-                device_id=a.device_id,
-                name=name,
-                dev_id=a.dev_id,
-                auth=a.auth,
-                server_id=a.server_id,
-                client_name=a.client_name,
-                last_session_at=a.last_session_at,
-                inventory_at=a.inventory_at,
-                notified_at=a.notified_at,
-                locked_until=a.locked_until,
-            )
-            for a, name in rows
-        ]
+        return [_account_out(a, name) for a, name in rows]
+
+    async def account(self, device_id: str) -> AccountOut | None:
+        """One device's DM account, None for a device not managed over OMA DM (the caller
+        has checked the device is in scope: the console's device page)."""
+        async with self.db.read() as s:
+            row = (
+                await s.execute(
+                    select(OmadmAccount, Device.name)
+                    .join(Device, Device.id == OmadmAccount.device_id)
+                    .where(OmadmAccount.device_id == device_id)
+                )
+            ).first()
+        return _account_out(row[0], row[1]) if row is not None else None
 
     # ------------------------------------------------------------ node operations
 
