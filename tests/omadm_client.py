@@ -228,6 +228,10 @@ class DmClient:
                 self.to_download.append(
                     (base.rsplit("/", 1)[-1], self.tree.get(base + "/PkgURL", ""))
                 )
+            elif uri.endswith("/DownloadAndUpdate"):
+                self.to_download.append(
+                    (uri.rsplit("/", 2)[-2], self.tree.get(uri + "/PkgURL", ""))
+                )
             elif uri.endswith("/Operations/Remove"):
                 node = uri.rsplit("/Operations/", 1)[0].rsplit("/", 1)[-1]
                 self.tree.pop(f"./SCOMO/Inventory/Deployed/{node}", None)
@@ -272,7 +276,12 @@ class DmClient:
             if c.name in ("Atomic", "Sequence"):
                 snapshot = dict(self.tree)
                 sub: list[m.Command] = []
-                codes = [self._run(child, reply.header.msg_id, sub) for child in c.children]
+                codes = []
+                for child in c.children:
+                    if c.name == "Sequence" and codes and not 200 <= codes[-1] < 300:
+                        codes.append(215)  # a Sequence stops at the first failure
+                        continue
+                    codes.append(self._run(child, reply.header.msg_id, sub))
                 ok = all(200 <= x < 300 for x in codes)
                 if c.name == "Atomic" and not ok:
                     self.tree = snapshot

@@ -258,6 +258,11 @@ class Settings(BaseSettings):
     omadm_notify_url: str = ""
     # how often a device's DevDetail is read again for the inventory
     omadm_inventory_interval_s: int = Field(default=6 * 3600, ge=0, le=30 * 86400)
+    # the FUMO node of the fleet's devices: a plain-file package deployed to an OMA DM device
+    # is a firmware image, sent to <node>/DownloadAndUpdate
+    omadm_fumo_node: str = Field(
+        default="./FUMO/Custos", pattern=r"^\./FUMO(/[A-Za-z0-9_.-]{1,64}){1,3}$"
+    )
     # a session not continued within this time is forgotten
     omadm_session_ttl_s: int = Field(default=3600, ge=60, le=86400)
     # ask TLS clients for a certificate from the Custos CA (Windows-style DM clients prove

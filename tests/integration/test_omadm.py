@@ -217,7 +217,7 @@ async def test_atomic_is_all_or_nothing(api: Any) -> None:
     assert "./Vendor/Acme/A" not in dm.tree  # rolled back
     run = await _run(api, q["command_id"])
     assert run["state"] == "failed"
-    assert run["result"]["atomic_status"] == "507"
+    assert run["result"]["container_status"] == "507"
     assert [o["status"] for o in run["result"]["ops"]] == [216, 500]
 
 
@@ -566,3 +566,70 @@ async def test_large_objects_are_split_and_joined_with_moredata(api: Any) -> Non
     )
     reply = await dm2.send(third)
     assert {c.cmd_ref: c.data for c in reply.commands if c.name == "Status"}["93"] == "424"
+
+
+async def test_sequence_stops_at_the_first_failure(api: Any) -> None:
+    created = await _enroll(api)
+    dm = _client(api, created)
+    await dm.session()
+    dm.fail_nodes.add("./Vendor/Acme/Broken")
+    q = await _queue(
+        api,
+        created["device_id"],
+        [
+            {"verb": "Replace", "target": "./Vendor/Acme/A", "data": "1"},
+            {"verb": "Replace", "target": "./Vendor/Acme/Broken", "data": "2"},
+            {"verb": "Replace", "target": "./Vendor/Acme/C", "data": "3"},
+        ],
+        sequence=True,
+    )
+    dm.session_id = "60"
+    await dm.session()
+    assert dm.tree["./Vendor/Acme/A"] == "1" and "./Vendor/Acme/C" not in dm.tree
+    run = await _run(api, q["command_id"])
+    assert run["state"] == "failed"
+    assert [o["status"] for o in run["result"]["ops"]] == [200, 500, 215]
+    r = await api.post(
+        f"/api/v1/omadm/devices/{created['device_id']}/ops",
+        json={"ops": [{"verb": "Get", "target": "./A"}], "atomic": True, "sequence": True},
+    )
+    assert r.status_code == 422
+
+
+async def test_firmware_images_reach_omadm_devices_through_fumo(api: Any, tmp_path: Any) -> None:
+    created = await _enroll(api, name="router-3")
+    dm = _client(api, created)
+    await dm.session()
+    image = tmp_path / "router-fw-2.4.bin"
+    image.write_bytes(b"\x7fFW" + bytes(range(256)) * 64)
+    r = await api.http.post(
+        "/api/v1/packages",
+        params={
+            "filename": image.name,
+            "name": "router-fw",
+            "version": "2.4",
+            "destination": "/lib/firmware/router.bin",
+        },
+        content=image.read_bytes(),
+        headers={**api.auth, "content-type": "application/octet-stream"},
+    )
+    assert r.status_code == 201, r.text
+    r = await api.post(
+        "/api/v1/deployments", json={"package": "router-fw", "targets": {"devices": ["router-3"]}}
+    )
+    assert r.status_code == 201, r.text
+    dep = r.json()
+    await api.services.software.tick()
+    dm.async_nodes.add("*/DownloadAndUpdate")
+    dm.alert_result = "200"  # FUMO's success code
+    dm.session_id = "61"
+    await dm.session()
+    assert dm.tree["./FUMO/Custos/PkgName"] == "router-fw"
+    assert dm.tree["./FUMO/Custos/PkgVersion"] == "2.4"
+    assert dm.downloads["Custos"] == image.read_bytes()
+    show = (await api.get(f"/api/v1/deployments/{dep['id']}")).json()
+    assert show["devices"][0]["state"] == "installing", show
+    dm.session_id = "62"
+    await dm.session()
+    show = (await api.get(f"/api/v1/deployments/{dep['id']}")).json()
+    assert show["devices"][0]["state"] == "installed", show

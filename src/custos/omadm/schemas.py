@@ -134,8 +134,16 @@ class OpsRequest(Strict):
     """Node operations for one device, sent in its next session (atomic: all or none)."""
 
     ops: list[NodeOp] = Field(min_length=1, max_length=100)
+    # Atomic: all or none; Sequence: in this order, the device stops at the first failure
     atomic: bool = False
+    sequence: bool = False
     notify: bool = True
+
+    @model_validator(mode="after")
+    def _one_container(self) -> OpsRequest:
+        if self.atomic and self.sequence:
+            raise ValueError("choose atomic or sequence, not both")
+        return self
 
 
 class OpsQueued(BaseModel):

@@ -347,6 +347,8 @@ class OmadmService:
         payload: dict[str, Any] = {"ops": [op.model_dump(exclude_none=True) for op in req.ops]}
         if req.atomic:
             payload["atomic"] = True
+        if req.sequence:
+            payload["sequence"] = True
         return await self._queue(ref, payload, req.notify, created_by, scope)
 
     async def queue_alert(
@@ -1085,7 +1087,9 @@ class _Session:
             for op in ops:
                 if op["verb"] == "Exec" and op.get("status") == ACCEPTED:
                     # result codes 1200 to 1299 mean success (generic alerts, LAWMO, SCOMO)
-                    op["status"] = OK if 1200 <= code < 1300 else COMMAND_FAILED
+                    # (FUMO reports 200-299 for success, SCOMO and LAWMO 1200-1299)
+                    good = 1200 <= code < 1300 or 200 <= code < 300
+                    op["status"] = OK if good else COMMAND_FAILED
                     op["result_code"] = code
                     if source:
                         op["alert_source"] = source[:200]
@@ -1181,7 +1185,12 @@ class _Session:
         """Add one run's commands to the message; False when they do not fit in it."""
         ops: list[dict[str, Any]] | None
         if run.kind == "software":
-            ops, why = self._scomo_ops(run), ""
+            descriptor = run.payload.get("descriptor") or {}
+            if descriptor.get("format") == "file":
+                # a plain file reaching an OMA DM device is a firmware image: FUMO
+                ops, why = self._fumo_ops(run)
+            else:
+                ops, why = self._scomo_ops(run), ""
         else:
             ops, why = ops_for(run.kind, run.payload)
         if ops is None:
@@ -1224,11 +1233,14 @@ class _Session:
             self._next_chunk()
             return True
         before = self.out.next_id
-        wrap = (
-            m.Command(name="Atomic", cmd_id=self.out.cmd_id())
+        container = (
+            "Atomic"
             if run.payload.get("atomic")
+            else "Sequence"
+            if run.payload.get("sequence")
             else None
         )
+        wrap = m.Command(name=container, cmd_id=self.out.cmd_id()) if container else None
         cmds: list[m.Command] = []
         for i, op in enumerate(ops):
             data = op.get("data")
@@ -1291,6 +1303,34 @@ class _Session:
                 c.cmd_id, {"kind": "op", "run": run.run_id, "i": i, "target": ops[i]["target"]}
             )
         return True
+
+    def _fumo_ops(self, run: DeliveredCommand) -> tuple[list[dict[str, Any]] | None, str]:
+        """A firmware image as FUMO: its name, version and a download link for this device
+        in the FUMO node (`omadm_fumo_node`), then Exec DownloadAndUpdate; the outcome comes
+        at once or in a Generic Alert (FUMO result 200-299 is success)."""
+        p = run.payload
+        if p.get("action") == "uninstall":
+            return None, "firmware cannot be removed over FUMO: deploy the previous image"
+        descriptor = p.get("descriptor") or {}
+        node = self.svc.settings.omadm_fumo_node
+        assert self.account is not None
+        url = self.svc.download_url(
+            self.peer.url, self.account.device_id, str(p.get("package_id", ""))
+        )
+        return [
+            {
+                "verb": "Replace",
+                "target": f"{node}/PkgName",
+                "data": str(descriptor.get("name", "")),
+            },
+            {
+                "verb": "Replace",
+                "target": f"{node}/PkgVersion",
+                "data": str(descriptor.get("version", "")),
+            },
+            {"verb": "Replace", "target": f"{node}/DownloadAndUpdate/PkgURL", "data": url},
+            {"verb": "Exec", "target": f"{node}/DownloadAndUpdate"},
+        ], ""
 
     def _scomo_ops(self, run: DeliveredCommand) -> list[dict[str, Any]]:
         """A deployment's install or removal as SCOMO commands.
@@ -1506,6 +1546,6 @@ def _run_result(run_id: str, run: dict[str, Any], now: Any) -> RunResult:
         finished_at=now,
         result={
             "ops": ops,
-            **({"atomic_status": run["wrap_status"]} if "wrap_status" in run else {}),
+            **({"container_status": run["wrap_status"]} if "wrap_status" in run else {}),
         },
     )
