@@ -95,7 +95,7 @@ async def test_missing_and_wrong_credentials_are_challenged(api: Any) -> None:
     assert DmClient.header_status(reply).data == "401"
 
 
-async def test_repeated_failures_lock_the_account(api: Any) -> None:
+async def test_repeated_failures_lock_out_that_address(api: Any) -> None:
     created = await _enroll(api, auth="basic")
     for i in range(10):
         bad = _client(api, created, client_password="wrong-password")
@@ -106,6 +106,13 @@ async def test_repeated_failures_lock_the_account(api: Any) -> None:
     good.session_id = "200"
     reply = await good.send(good.package1())
     assert DmClient.header_status(reply).data == "401"  # locked for a while, even when right
+    # the device itself, at another address, is not shut out by a stranger's guesses
+    elsewhere = httpx.ASGITransport(app=api.app, client=("10.20.30.40", 40000))
+    async with httpx.AsyncClient(transport=elsewhere, base_url="http://test") as http:
+        device = account_client(http, created, URL)
+        device.session_id = "201"
+        reply = await device.send(device.package1())
+        assert DmClient.header_status(reply).data == "212"
 
 
 async def test_unknown_device_and_garbage(api: Any) -> None:

@@ -57,7 +57,7 @@ class DeviceCheckin:
         self.interval = interval
         self.max_commands = max_commands
         self.push = push  # the same for every device: where to listen for nudges
-        self._seen: dict[str, tuple[datetime, float, str]] = {}
+        self._seen: dict[str, tuple[datetime, float | None, str]] = {}
         self._empty_head = (
             b'{"commands":[],"accepted_results":[],"inventory_version":-1,'
             b'"inventory_resync":false,"checkin_interval":%d,"server_time":' % interval
@@ -203,6 +203,10 @@ class DeviceCheckin:
     async def stop(self) -> None:
         """Stop the batch workers (pending check-ins are failed)."""
         await self._batch.stop()
+
+    def note_seen(self, device_id: str, agent_version: str) -> None:
+        """Another protocol's device was heard from (OMA DM): batched like a check-in."""
+        self._seen[device_id] = (utcnow(), None, agent_version)
 
     async def flush_last_seen(self) -> int:
         """Write the batched last-seen times in one statement (a periodic job)."""

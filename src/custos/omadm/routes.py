@@ -20,7 +20,7 @@ from custos.omadm.schemas import (
 )
 from custos.omadm.service import Peer
 from custos.server.container import Services
-from custos.server.http import require, services
+from custos.server.http import client_address, require, services
 
 admin_router = APIRouter(prefix="/api/v1/omadm", tags=["omadm"])
 
@@ -68,6 +68,7 @@ async def syncml_endpoint(request: Request) -> Response:
         hmac=request.headers.get("x-syncml-hmac"),
         url=str(request.url),
         session_token=request.query_params.get("s", "")[:64],
+        address=client_address(request),
     )
     reply = await svc.omadm.handle(body, request.headers.get("content-type"), peer)
     return Response(

@@ -18,6 +18,8 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -94,7 +96,9 @@ INVENTORY_KEYS = {
     "./DevDetail/Ext/Microsoft/DNSComputerName": "os.hostname",
 }
 MAX_INVENTORY_VALUE = 4096
-MAX_FAILURES = 10
+MAX_FAILURES = 10  # from one address, before that address waits LOCK_S
+MAX_ACCOUNT_FAILURES = 100  # from anywhere, before the account waits LOCK_S
+MAX_TRACKED_ADDRESSES = 100_000
 LOCK_S = 300
 MAX_RUNS_PER_MESSAGE = 20
 DOWNLOAD_TTL_S = 7 * 86400
@@ -110,6 +114,8 @@ class Peer:
     url: str = ""
     # the `s` query parameter: the session token of the RespURI this server handed out
     session_token: str = ""
+    # the client's address (X-Forwarded-For only from trusted proxies)
+    address: str = ""
 
 
 @dataclass
@@ -184,18 +190,41 @@ class OmadmService:
         push: object = None,
         software: Any = None,
         work: Any = None,
+        seen: Callable[[str, str], None] | None = None,
     ) -> None:
+        # records that a device was heard from (the check-in's batched last-seen writes)
+        self.seen = seen
         # the pending-work index: a session of a device with nothing queued asks no query
         self.work = work
         self.db = db
         self.push = push
         self.software = software
+        self._failed: dict[tuple[int, str], tuple[int, float]] = {}
         self._download_key = hmac.new(secret, b"omadm-downloads", hashlib.sha256).digest()
         self.ca = ca
         self.commands = commands
         self.settings = settings
         self._aead = AESGCM(secret)
         self._transport = transport
+
+    # ------------------------------------------------------------ failed logins by address
+    # (in this process's memory: per process, like the console's login limiter)
+
+    def address_locked(self, account_id: int, address: str) -> bool:
+        entry = self._failed.get((account_id, address))
+        return entry is not None and entry[0] >= MAX_FAILURES and entry[1] > time.monotonic()
+
+    def address_failed(self, account_id: int, address: str) -> None:
+        now = time.monotonic()
+        if len(self._failed) >= MAX_TRACKED_ADDRESSES:
+            self._failed = {k: v for k, v in self._failed.items() if v[1] > now}
+            if len(self._failed) >= MAX_TRACKED_ADDRESSES:
+                self._failed.clear()
+        count, _ = self._failed.get((account_id, address), (0, 0.0))
+        self._failed[(account_id, address)] = (count + 1, now + LOCK_S)
+
+    def address_ok(self, account_id: int, address: str) -> None:
+        self._failed.pop((account_id, address), None)
 
     # ------------------------------------------------------------ secrets at rest
 
@@ -621,6 +650,8 @@ class _Session:
             return self._header_only(FORBIDDEN)
         if account.locked_until is not None and account.locked_until > self.now:
             return self._header_only(INVALID_CRED)
+        if self.svc.address_locked(account.id, self.peer.address):
+            return self._header_only(INVALID_CRED)
         await self._load_row()
         row = self.row
         assert row is not None
@@ -800,6 +831,7 @@ class _Session:
             if used in ("md5", "basic"):
                 self.state.setdefault("resp_token", secrets.token_urlsafe(18))
             account.failures = 0
+            self.svc.address_ok(account.id, self.peer.address)
             chal = None
             if used in ("md5", "hmac"):
                 # a fresh nonce for the client's next credentials
@@ -810,7 +842,10 @@ class _Session:
             return OK, chal
         row.failures += 1
         account.failures += 1
-        if account.failures >= MAX_FAILURES:
+        self.svc.address_failed(account.id, self.peer.address)
+        if account.failures >= MAX_ACCOUNT_FAILURES:
+            # a guess from everywhere at once: the whole account waits (one address is
+            # stopped after MAX_FAILURES without shutting the device itself out)
             account.locked_until = self.now + timedelta(seconds=LOCK_S)
             log.warning(
                 "omadm account %s locked after %d failures", account.dev_id, account.failures
@@ -1476,7 +1511,13 @@ class _Session:
         row.last_response_hmac = headers.get("x-syncml-hmac", "")
         if row.authenticated:
             account.last_session_at = self.now
-            device.last_seen = self.now
+            seen = self.svc.seen
+            if seen is None:
+                device.last_seen = self.now
+            else:
+                # batched with the agents' check-ins: no UPDATE of the device per session
+                device_id, version = device.id, device.agent_version
+                self.uow.after_commit(lambda: seen(device_id, version))
         return Reply(200, body, self.kind, headers)
 
     def _header_only(self, code: int, chal_type: str | None = None) -> Reply:

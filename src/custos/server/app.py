@@ -130,6 +130,8 @@ def create_app(settings: Settings) -> FastAPI:
             )
         return JSONResponse({"status": "ok"})
 
+    # the SyncML endpoint first: device traffic, matched before the admin API's many routes
+    omadm_routes.install(app, settings.omadm_path)
     for r in (
         account_routes.router,
         device_routes.admin_router,
@@ -148,7 +150,6 @@ def create_app(settings: Settings) -> FastAPI:
         policy_routes.device_router,
     ):
         app.include_router(r)
-    omadm_routes.install(app, settings.omadm_path)
     # the web console: its pages, /console/static and `/` redirecting to it
     console_routes.install(app)
     return app

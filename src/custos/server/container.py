@@ -119,6 +119,14 @@ class Services:
             default_limit_bps=settings.software_limit_bps,
             group_limit_bps=settings.software_group_limit_bps,
         )
+        checkin = DeviceCheckin(
+            db,
+            commands,
+            work,
+            interval=settings.checkin_interval_s,
+            max_commands=settings.max_commands_per_checkin,
+            push=push.descriptor(),
+        )
         return cls(
             settings=settings,
             db=db,
@@ -134,14 +142,7 @@ class Services:
             enrollment=EnrollmentService(db, ca, settings.checkin_interval_s),
             devices=DeviceService(db, auth, push=push),
             commands=commands,
-            checkin=DeviceCheckin(
-                db,
-                commands,
-                work,
-                interval=settings.checkin_interval_s,
-                max_commands=settings.max_commands_per_checkin,
-                push=push.descriptor(),
-            ),
+            checkin=checkin,
             push=push,
             work=work,
             tasks=TaskService(db, commands),
@@ -166,6 +167,7 @@ class Services:
                 push=push,
                 software=software,
                 work=work,
+                seen=checkin.note_seen,
             ),
         )
 
