@@ -265,6 +265,9 @@ class Settings(BaseSettings):
     )
     # a session not continued within this time is forgotten
     omadm_session_ttl_s: int = Field(default=3600, ge=60, le=86400)
+    # TLS-terminating proxies (CIDRs) allowed to pass a verified client certificate in
+    # X-Client-Cert (nginx: $ssl_client_escaped_cert); they must overwrite that header
+    omadm_cert_proxies: list[str] = Field(default_factory=list, max_length=100)
     # ask TLS clients for a certificate from the Custos CA (Windows-style DM clients prove
     # their identity with one); clients without a certificate are not affected
     omadm_client_certs: bool = True
@@ -276,7 +279,7 @@ class Settings(BaseSettings):
             raise ValueError("port must be between 0 and 65535")
         return v
 
-    @field_validator("trusted_proxies")
+    @field_validator("trusted_proxies", "omadm_cert_proxies")
     @classmethod
     def _proxies(cls, v: list[str]) -> list[str]:
         import ipaddress
@@ -285,7 +288,7 @@ class Settings(BaseSettings):
             try:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
-                raise ValueError(f"trusted_proxies: {cidr!r} is not an address or CIDR") from None
+                raise ValueError(f"{cidr!r} is not an address or CIDR") from None
         return v
 
     @field_validator("mqtt_url", "mqtt_device_url")

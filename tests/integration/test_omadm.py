@@ -81,6 +81,8 @@ async def test_missing_and_wrong_credentials_are_challenged(api: Any) -> None:
     reply = await dm.send(dm.package1(cred=False))
     hs = DmClient.header_status(reply)
     assert hs.data == "407" and hs.chal is not None and hs.chal.type == auth.AUTH_MD5
+    # the server's own credentials are never handed to a message that did not authenticate
+    assert reply.header.cred is None
     # the commands were not executed: they carry the header's code, to be sent again
     assert {c.data for c in reply.commands if c.name == "Status" and c.cmd != "SyncHdr"} == {"407"}
     # the client retries with the nonce from the challenge
@@ -275,6 +277,11 @@ async def test_retransmission_gets_the_same_answer_and_state_survives_another_ap
     assert DmClient.header_status(hijack).data == "407"
     assert not [c for c in hijack.commands if c.name == "Get"]
     assert hijack.header.resp_uri is None  # the token is not given away
+    assert hijack.header.cred is None
+    # nor can a stranger's message 1 under the same SessionID replace the live session
+    fresh = _client(api, created, client_password="wrong-password-x")
+    fresh.session_id = dm.session_id
+    await fresh.send(fresh.package1())
     assert reply.header.resp_uri and "?s=" in reply.header.resp_uri
     dm.url = reply.header.resp_uri
     # the next message goes to another server process on the same database
@@ -640,3 +647,49 @@ async def test_firmware_images_reach_omadm_devices_through_fumo(api: Any, tmp_pa
     await dm.session()
     show = (await api.get(f"/api/v1/deployments/{dep['id']}")).json()
     assert show["devices"][0]["state"] == "installed", show
+
+
+async def test_lawmo_nodes_need_the_lock_and_wipe_permissions(api: Any) -> None:
+    created = await _enroll(api)
+    r = await api.post(
+        "/api/v1/users",
+        json={"username": "hd", "password": "helpdesk-pw-12", "roles": ["helpdesk"]},
+    )
+    assert r.status_code == 201, r.text
+    r = await api.http.post(
+        "/api/v1/auth/login", json={"username": "hd", "password": "helpdesk-pw-12"}
+    )
+    helpdesk = {"authorization": f"Bearer {r.json()['token']}"}
+    url = f"/api/v1/omadm/devices/{created['device_id']}/ops"
+    wipe = {"ops": [{"verb": "Exec", "target": "./LAWMO/Operations/FactoryReset"}]}
+    r = await api.http.post(url, json=wipe, headers=helpdesk)
+    assert r.status_code == 403 and "devices.wipe" in r.text
+    r = await api.http.post(
+        url, json={"ops": [{"verb": "Get", "target": "./DevInfo/Man"}]}, headers=helpdesk
+    )
+    assert r.status_code == 201, r.text
+    r = await api.post(url, json=wipe)
+    assert r.status_code == 201, r.text
+
+
+async def test_odd_digits_and_forged_tokens_get_no_500(api: Any) -> None:
+    for token in ("a.b.\u00b2.c", "a.b.12.c", "x" * 300):
+        r = await api.http.get(f"/omadm/pkg/{token}")
+        assert r.status_code == 404, token
+    created = await _enroll(api)
+    dm = _client(api, created)
+    await dm.session()  # the inventory read is out of the way
+    q = await _queue(api, created["device_id"], [{"verb": "Get", "target": "./DevInfo/Man"}])
+    dm.session_id = "70"
+    dm.msg_id = 0
+    dm.url = URL
+    reply = await dm.send(dm.package1())
+    nxt = dm.respond(reply)
+    assert nxt is not None
+    for c in nxt.commands:
+        if c.name == "Status" and c.cmd != "SyncHdr":
+            c.data = "\u00b2"  # isdigit() but not int()
+    reply = await dm.send(nxt)
+    assert DmClient.header_status(reply).data in ("200", "212")
+    run = await _run(api, q["command_id"])
+    assert run["state"] == "failed"

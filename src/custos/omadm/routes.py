@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from urllib.parse import unquote
 
 from cryptography import x509
@@ -31,23 +32,32 @@ MAX_CERT_HEADER = 16 * 1024
 
 
 def _client_cert(request: Request, svc: Services) -> bytes | None:
-    """The client's certificate (DER): from this server's TLS, or from a trusted proxy."""
+    """The client's certificate (DER): from this server's TLS, or from a certificate proxy.
+
+    Only peers in `omadm_cert_proxies` may pass one in X-Client-Cert (the proxy must
+    overwrite that header, never forward a client's); the certificate must be ours and
+    currently valid. A certificate in a header proves nothing about the key, so the proxy
+    is trusted to have verified the TLS handshake.
+    """
     tls = request.scope.get("extensions", {}).get("tls") or {}
     der = tls.get("client_cert_der")
     if der:
         return bytes(der)
     header = request.headers.get(CLIENT_CERT_HEADER)
-    if not header or len(header) > MAX_CERT_HEADER or not svc.settings.trusted_proxies:
+    proxies = svc.settings.omadm_cert_proxies
+    if not header or len(header) > MAX_CERT_HEADER or not proxies:
         return None
     from custos.audit.middleware import _trusted
 
     client = request.scope.get("client")
-    if not client or not _trusted(str(client[0]), svc.settings.trusted_proxies):
+    if not client or not _trusted(str(client[0]), proxies):
         return None
     try:
         cert = x509.load_pem_x509_certificate(unquote(header).encode())
-        # the proxy verified the chain; check it is ours all the same
         cert.verify_directly_issued_by(svc.ca.cert)
+        now = datetime.now(UTC)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            return None
     except Exception:  # not PEM, not ours, a bad signature: no certificate
         return None
     return cert.public_bytes(serialization.Encoding.DER)
@@ -125,6 +135,15 @@ async def queue_ops(
     svc: Services = Depends(services),
 ) -> OpsQueued:
     """Queue Get/Replace/Add/Delete/Exec/Copy on a device's nodes and wake it (package #0)."""
+    if any(op.target.startswith("./LAWMO") for op in body.ops):
+        # lock and wipe through raw nodes need what the lost-device actions need
+        scope_lock, scope_wipe = who.device_scope("devices.lock"), who.device_scope("devices.wipe")
+        if not (who.can("devices.lock") and who.can("devices.wipe")):
+            from custos.errors import Forbidden
+
+            raise Forbidden("LAWMO nodes need the devices.lock and devices.wipe permissions")
+        await svc.omadm.device_id(ref, scope_lock)
+        await svc.omadm.device_id(ref, scope_wipe)
     return await svc.omadm.queue_ops(ref, body, who.username, who.device_scope("commands.run"))
 
 

@@ -126,6 +126,11 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only (str.isdigit() also accepts '²', which int() refuses)."""
+    return bool(text) and text.isascii() and text.isdigit()
+
+
 def _account_out(a: OmadmAccount, name: str) -> AccountOut:
     return AccountOut(
         device_id=a.device_id,
@@ -454,7 +459,7 @@ class OmadmService:
     async def download(self, token: str) -> tuple[Path, str]:
         """The file behind a download token: (path, filename); NotFound for anything wrong."""
         parts = token.split(".")
-        if len(parts) != 4 or not parts[2].isdigit() or len(token) > 200:
+        if len(parts) != 4 or not _digits(parts[2]) or len(token) > 200:
             raise NotFound("no such download")
         device_id, package_id, expires_s, mac = parts
         expires = int(expires_s)
@@ -615,6 +620,7 @@ class _Session:
         self.account: OmadmAccount | None = None
         self.new_row = False
         self.keep_row = False
+        self.replaced: OmadmSession | None = None
         self.accepted = False
         self.device: Device | None = None
         self.row: OmadmSession | None = None
@@ -662,6 +668,9 @@ class _Session:
             or self.msg_no == 1
             or hmac.compare_digest(self.peer.session_token.encode(), token.encode())
         )
+        if row.auth_method == "cert":
+            # a stored answer goes only to the certificate it was made for
+            same_channel = self.peer.client_cert_der is not None and self._cert_matches()
         if (
             self.msg_no == row.client_msg_id
             and sha == row.last_request_sha
@@ -672,7 +681,7 @@ class _Session:
             return Reply(200, row.last_response, row.last_response_type, headers)
         if self.msg_no <= row.client_msg_id:
             return self._header_only(BAD_REQUEST)
-        was_authenticated = row.authenticated
+        original_ids = (row.client_msg_id, row.server_msg_id)
         row.client_msg_id = self.msg_no
         row.server_msg_id += 1
         # a deep copy: the nested dicts would otherwise be the loaded value itself, and a
@@ -680,13 +689,18 @@ class _Session:
         self.state = copy.deepcopy(row.state or {})
         status, chal = self._authenticate()
         self.accepted = status in (OK, AUTH_ACCEPTED)
-        if was_authenticated and status not in (OK, AUTH_ACCEPTED):
-            # a message that failed to continue an authenticated session (an intruder, or
-            # the client at the wrong URL) leaves the session as it was for its owner
-            row.client_msg_id = self.msg_no - 1
-            row.server_msg_id -= 1
+        if not self.accepted:
+            # a message that did not authenticate stores nothing of the session: a new one is
+            # not kept, and an existing one (an intruder, or the client at the wrong URL)
+            # stays exactly as its owner left it
+            if not self.new_row:
+                row.client_msg_id, row.server_msg_id = original_ids
             self.state = copy.deepcopy(row.state or {})
             self.keep_row = True
+        elif self.replaced is not None:
+            await self.s.delete(self.replaced)
+            await self.s.flush()
+            self.replaced = None
         hdr_status = m.Command(
             name="Status",
             cmd_id=self.out.cmd_id(),
@@ -749,8 +763,9 @@ class _Session:
             )
         )
         if row is not None and stale:
-            await self.s.delete(row)
-            await self.s.flush()
+            # replaced only once this message has authenticated: a stranger's message 1 with
+            # the same SessionID must not wipe a live session
+            self.replaced = row
             row = None
         if row is None:
             row = OmadmSession(
@@ -1061,7 +1076,7 @@ class _Session:
             elif entry.get("kind") == "chunk":
                 self.state.pop("stream", None)
             op = run["ops"][entry["i"]]
-            op["status"] = int(entry["status"]) if entry["status"].isdigit() else 0
+            op["status"] = int(entry["status"]) if _digits(entry["status"]) else 0
             if "data" in entry:
                 op["data"] = entry["data"][:RUN_OUTPUT_LIMIT]
             if "error" in entry:
@@ -1100,7 +1115,12 @@ class _Session:
         for run_id, run in self.waiting.items():
             await self.s.execute(
                 update(CommandRun)
-                .where(CommandRun.id == run_id, CommandRun.device_id == device_id)
+                .where(
+                    CommandRun.id == run_id,
+                    CommandRun.device_id == device_id,
+                    # a run cancelled or expired meanwhile stays closed
+                    CommandRun.state.in_(("queued", "sent", "acked")),
+                )
                 .values(state="acked", result={**run, "waiting_for_alert": True})
             )
             if "software" in run:
@@ -1118,7 +1138,7 @@ class _Session:
             if row is None or not (row[0] or {}).get("waiting_for_alert"):
                 continue
             ops = list(row[0]["ops"])
-            code = int(data) if data.isdigit() else 0
+            code = int(data) if _digits(data) else 0
             for op in ops:
                 if op["verb"] == "Exec" and op.get("status") == ACCEPTED:
                     # result codes 1200 to 1299 mean success (generic alerts, LAWMO, SCOMO)
@@ -1164,13 +1184,32 @@ class _Session:
             return
         later: list[dict[str, Any]] = self.state.pop("later", [])
         work = [DeliveredCommand.model_validate(w) for w in later]
+        if work:
+            # still open? (an administrator may have cancelled one, or it expired)
+            from custos.commands.models import CommandRun
+
+            open_ids = set(
+                (
+                    await self.s.scalars(
+                        select(CommandRun.id).where(
+                            CommandRun.id.in_([w.run_id for w in work]),
+                            CommandRun.state.in_(("queued", "sent")),
+                        )
+                    )
+                ).all()
+            )
+            work = [w for w in work if w.run_id in open_ids]
         index = self.svc.work
         if len(work) < MAX_RUNS_PER_MESSAGE and (
             index is None or index.may_have_work(account.device_id)
         ):
-            work += await self.svc.commands.take_pending(
-                self.s, account.device_id, MAX_RUNS_PER_MESSAGE - len(work)
+            # runs handed out stay `sent` until answered: those already waiting here are
+            # taken again by take_pending, and must not be sent twice
+            have = {w.run_id for w in work}
+            taken = await self.svc.commands.take_pending(
+                self.s, account.device_id, MAX_RUNS_PER_MESSAGE
             )
+            work += [w for w in taken if w.run_id not in have][: MAX_RUNS_PER_MESSAGE - len(work)]
         for i, run in enumerate(work):
             if not self._deliver(run):
                 self.state["later"] = [w.model_dump(mode="json") for w in work[i:]]
@@ -1314,8 +1353,12 @@ class _Session:
             )
         if wrap is not None:
             wrap.children = cmds
+        saved = (len(self.out.elements), self.out.size, self.out.management)
         for c in [wrap] if wrap is not None else cmds:
             if not self.out.add(c, management=True):
+                # none of this run goes out in this message, not even the ops that fitted
+                del self.out.elements[saved[0] :]
+                self.out.size, self.out.management = saved[1], saved[2]
                 self.out.next_id = before
                 return False
         runs = self.state.setdefault("runs", {})
@@ -1438,8 +1481,8 @@ class _Session:
     def _server_cred(self) -> m.Cred | None:
         account = self.account
         assert account is not None
-        if self.state.get("server_authenticated"):
-            return None
+        if self.state.get("server_authenticated") or not self.accepted:
+            return None  # never to a message that did not authenticate
         if account.auth == "md5":
             server_ha1 = auth.ha1(
                 account.server_id, self.svc._unseal(account.server_password_sealed)
