@@ -693,3 +693,30 @@ async def test_odd_digits_and_forged_tokens_get_no_500(api: Any) -> None:
     assert DmClient.header_status(reply).data in ("200", "212")
     run = await _run(api, q["command_id"])
     assert run["state"] == "failed"
+
+
+async def test_devdetail_gets_the_client_did_not_run_are_asked_again(api: Any) -> None:
+    created = await _enroll(api)
+    dm = _client(api, created)
+    reply = await dm.send(dm.package1())
+    gets = [c for c in reply.commands if c.name == "Get"]
+    assert gets
+    # the client answers only its header status (as libdmclient does while it still
+    # challenges the server's credentials): the Gets are sent again, and then read
+    hdr = m.Command(
+        name="Status",
+        cmd_id="1",
+        msg_ref=reply.header.msg_id,
+        cmd_ref="0",
+        cmd="SyncHdr",
+        data="212",
+    )
+    dm.url = reply.header.resp_uri or URL
+    reply = await dm.send(m.Message(header=dm.header(cred=False), commands=[hdr]))
+    assert {c.items[0].target for c in reply.commands if c.name == "Get"} == {
+        c.items[0].target for c in gets
+    }
+    while (nxt := dm.respond(reply)) is not None:
+        reply = await dm.send(nxt)
+    r = await api.get(f"/api/v1/devices/{created['device_id']}")
+    assert r.json()["inventory"]["os.version"] == "4.2.1"

@@ -621,6 +621,7 @@ class _Session:
         self.new_row = False
         self.keep_row = False
         self.replaced: OmadmSession | None = None
+        self.inventory_retry = False
         self.accepted = False
         self.device: Device | None = None
         self.row: OmadmSession | None = None
@@ -1061,6 +1062,9 @@ class _Session:
             if entry.get("kind") == "inv":
                 if entry["status"] == "200":
                     self.state["inventory_read"] = True
+                elif entry["status"] not in ("404", "405", "406"):
+                    # not run (e.g. the client had not yet accepted this server's Cred)
+                    self.inventory_retry = True
                 continue
             run = runs.get(entry.get("run", ""))
             if run is None:
@@ -1090,6 +1094,8 @@ class _Session:
                 run = runs.get(entry.get("run", ""))
                 if entry.get("kind") == "chunk":
                     self.state.pop("stream", None)
+                if entry.get("kind") == "inv":
+                    self.inventory_retry = True
                 if run is not None and entry.get("kind") in ("op", "chunk"):
                     op = run["ops"][entry["i"]]
                     op.setdefault("status", 0)
@@ -1165,6 +1171,12 @@ class _Session:
     async def _send_management(self) -> None:
         if self.state.get("out"):
             return  # still waiting for Statuses of what was sent before
+        tries = int(self.state.get("inventory_tries", 0))
+        if self.inventory_retry and tries < 2 and self.account is not None:
+            # DevDetail Gets the client did not run are asked once more in this session
+            self.state["inventory_tries"] = tries + 1
+            self.state["inventory_sent"] = False
+            self.account.inventory_at = None
         if self.state.get("stream"):
             self._next_chunk()  # a large object under way: one chunk per message
             return
