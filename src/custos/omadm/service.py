@@ -1212,16 +1212,12 @@ class _Session:
             )
             work = [w for w in work if w.run_id in open_ids]
         index = self.svc.work
-        if len(work) < MAX_RUNS_PER_MESSAGE and (
-            index is None or index.may_have_work(account.device_id)
-        ):
-            # runs handed out stay `sent` until answered: those already waiting here are
-            # taken again by take_pending, and must not be sent twice
-            have = {w.run_id for w in work}
-            taken = await self.svc.commands.take_pending(
+        if not work and (index is None or index.may_have_work(account.device_id)):
+            # new work only once what waited for room has gone out: take_pending hands out
+            # `sent` runs again until they are answered, so taking both would send some twice
+            work = await self.svc.commands.take_pending(
                 self.s, account.device_id, MAX_RUNS_PER_MESSAGE
             )
-            work += [w for w in taken if w.run_id not in have][: MAX_RUNS_PER_MESSAGE - len(work)]
         for i, run in enumerate(work):
             if not self._deliver(run):
                 self.state["later"] = [w.model_dump(mode="json") for w in work[i:]]
