@@ -12,11 +12,19 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import settings
 
 from custos.db.migrate import upgrade
 
 # hundreds of apps start in this one process: objects frozen at each start would pile up
 os.environ.setdefault("CUSTOS_GC_FREEZE_AT_START", "false")
+
+# Hypothesis: `make test` and CI explore the same examples every run (seeded by each test's
+# name), so a result is reproducible; HYPOTHESIS_PROFILE=explore draws new ones each run to
+# search wider, and saves what fails in .hypothesis/ for replay
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 PG_DSN = os.environ.get("CUSTOS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 ADMIN_PASSWORD = "admin-test-pw-1"

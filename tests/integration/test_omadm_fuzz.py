@@ -157,7 +157,12 @@ XML_COMMANDS = Commands(
         st.from_regex(r"[A-Za-z_][A-Za-z0-9_.-]{0,12}", fullmatch=True),
     ),
 ).commands
-WBXML_COMMANDS = Commands(ANY_CHAR, st.sampled_from(sorted(set(wbxml.TAGS) - m.KNOWN))).commands
+# unknown command names: any WBXML tag but the commands and the message's own structure (a
+# "SyncHdr" or "Final" element inside SyncBody is not a command the client sent)
+STRUCTURE = {"SyncML", "SyncHdr", "SyncBody", "Final"}
+WBXML_COMMANDS = Commands(
+    ANY_CHAR, st.sampled_from(sorted(set(wbxml.TAGS) - m.KNOWN - STRUCTURE))
+).commands
 
 
 @dataclass
