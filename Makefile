@@ -1,5 +1,7 @@
 # Custos — the README's commands call these targets.
 PY ?= python3
+# pytest workers for `make test` (one per core on the 2-core CI machine; TEST_WORKERS=0 runs in-process)
+TEST_WORKERS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -36,7 +38,7 @@ serve: $(STAMP) ## run the server on the embedded default (./var)
 	$(BIN)/custos server
 
 test: $(STAMP) $(INTEROP_STAMP) ## run the whole test suite (SQLite and PostgreSQL)
-	$(BIN)/pytest -q --durations=25
+	$(BIN)/pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP) ## ruff check, ruff format --check, mypy
 	$(BIN)/ruff check src tests bench
