@@ -357,3 +357,58 @@ async def test_roles_without_the_permissions(api: Api, console: httpx.AsyncClien
         r = await http.post(f"{url}/omadm/notify", data={"csrf": o_csrf})
         assert r.status_code == 404
     assert len(await api.services.omadm.list_accounts()) == 1
+
+
+async def test_ask_the_devices_user_from_the_device_page(
+    api: Api, console: httpx.AsyncClient
+) -> None:
+    csrf = page_csrf((await console.get("/console/omadm")).text)
+    _r, acct = await register(console, csrf, name="phone-5")
+    device_id = (await api.services.omadm.list_accounts())[0].device_id
+    dm = account_client(api.http, acct, URL)
+    await dm.session()
+    url = f"/console/devices/{device_id}"
+    page = await console.get(url)
+    assert 'id="omadm-alert-form"' in page.text
+
+    for form, reason in (
+        ({"kind": "shout", "text": "x"}, "the question is one of"),
+        ({"kind": "display", "text": "  "}, "enter the text"),
+        ({"kind": "single", "text": "Site?", "choices": "Paris\n\n"}, "at least two choices"),
+        ({"kind": "confirm", "text": "Sure?", "choices": "a\nb"}, "takes no choices"),
+        ({"kind": "input", "text": "Name?", "choices": ("x" * 201 + "\ny")}, "choices"),
+    ):
+        r = await console.post(f"{url}/omadm/alert", data={"csrf": csrf, **form})
+        assert r.status_code == 422, (form, r.status_code)
+        assert reason in html.unescape(r.text), (form, html.unescape(r.text)[-3000:])
+        # what was typed comes back, with the form open
+        assert 'id="omadm-alert" open' in r.text or not form["text"].strip()
+    assert await api.services.commands.list_commands(limit=10, offset=0) == []
+
+    r = await console.post(
+        f"{url}/omadm/alert",
+        data={"csrf": csrf, "kind": "single", "text": "Pick a site",
+              "choices": "Paris\n Lyon \n", "default": "1"},
+    )  # fmt: skip
+    assert r.status_code == 201, r.text[:3000]
+    assert "was queued" in r.text.split('id="omadm-queued"')[1]
+    dm.user = {"1103": (200, ["2"])}
+    dm.session_id = "2"
+    await dm.session()
+    assert dm.shown[-1] == ["DR=1", "Pick a site", "Paris", "Lyon"]
+    page = await console.get(url)
+    run = page.text.split('id="omadm"')[1].split('class="omadm-run"')[1]
+    assert ">succeeded<" in run and ">Alert<" in run and '<code class="wrap">2</code>' in run
+    actions = [a for a, _t, res in await audit_entries(api, "admin") if res == "ok"]
+    assert any("omadm" in a for a in actions)
+
+    # the auditor may not ask
+    await new_user(api, "audi2", "auditor-pw-1", ["auditor"])
+    async with signed_in(api, "audi2", "auditor-pw-1") as http:
+        page = await http.get(url)
+        assert 'id="omadm-alert-form"' not in page.text
+        a_csrf = page_csrf(page.text)
+        r = await http.post(
+            f"{url}/omadm/alert", data={"csrf": a_csrf, "kind": "display", "text": "hi"}
+        )
+        assert r.status_code == 403

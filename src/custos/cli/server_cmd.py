@@ -33,7 +33,7 @@ def export_settings(settings: Settings) -> None:
         if key in ("admin_password", "ca_passphrase"):
             secret = getattr(settings, key)
             value = secret.get_secret_value()
-        elif isinstance(value, list):
+        elif isinstance(value, (list, dict)):
             import json
 
             value = json.dumps(value)

@@ -31,7 +31,7 @@ from custos.console.routes import (
     render,
 )
 from custos.errors import DomainError, Invalid
-from custos.omadm.schemas import AccountCreate, AccountCreated, NodeOp, OpsRequest
+from custos.omadm.schemas import AccountCreate, AccountCreated, NodeOp, OpsRequest, UserAlert
 
 router = APIRouter(prefix=PREFIX, route_class=ConsoleRoute, include_in_schema=False)
 
@@ -211,6 +211,51 @@ async def omadm_node_op(
     return await _device_page(
         request, user, queued.device_id, status=201, omadm_queued=queued, omadm_op=req.ops[0],
         omadm_form={**form, "value": ""}, canonical_url=_device_url(queued.device_id),
+    )  # fmt: skip
+
+
+ALERT_KINDS = ("display", "confirm", "input", "single", "multi")  # labels: _device_omadm.html
+
+
+def _alert_request(kind: str, text: str, choices: str, default: str) -> UserAlert:
+    """A user-interaction alert from the form: choices one per line, blank lines ignored."""
+    if kind not in ALERT_KINDS:
+        raise Invalid(f"the question is one of {', '.join(ALERT_KINDS)}")
+    if not text.strip():
+        raise Invalid("enter the text the device shows its user")
+    listed = [c.strip() for c in choices.splitlines() if c.strip()]
+    try:
+        return UserAlert.model_validate(
+            {"kind": kind, "text": text.strip(), "choices": listed, "default": default or None}
+        )
+    except ValidationError as exc:
+        raise Invalid(_op_errors(exc)) from None
+
+
+@router.post("/devices/{device_id}/omadm/alert")
+async def omadm_user_alert(
+    request: Request,
+    device_id: str,
+    user: Annotated[ConsoleUser, _needs("commands.run")],
+    kind: Annotated[str, Form(max_length=10)] = "display",
+    text: Annotated[str, Form(max_length=1000)] = "",
+    choices: Annotated[str, Form(max_length=5000)] = "",
+    default: Annotated[str, Form(max_length=200)] = "",
+) -> Response:
+    """Ask the device's user something (Alerts 1100-1104); the answer shows in the run."""
+    form = {"kind": kind, "text": text, "choices": choices, "default": default}
+    try:
+        req = _alert_request(kind, text, choices, default)
+        queued = await _svc(request).omadm.queue_alert(
+            device_id, req, user.principal.username, user.principal.device_scope("commands.run")
+        )
+    except DomainError as exc:
+        return await _device_page(
+            request, user, device_id, status=exc.status, error=exc, omadm_alert_form=form
+        )
+    return await _device_page(
+        request, user, queued.device_id, status=201, omadm_queued=queued,
+        canonical_url=_device_url(queued.device_id),
     )  # fmt: skip
 
 

@@ -540,6 +540,7 @@ async def _device_page(
     omadm_queued: OpsQueued | None = None,
     omadm_op: NodeOp | None = None,
     omadm_notified: tuple[bool, str] | None = None,
+    omadm_alert_form: dict[str, str] | None = None,
     canonical_url: str = "",
 ) -> Response:
     svc = _svc(request)
@@ -579,6 +580,8 @@ async def _device_page(
         omadm=omadm, omadm_runs=omadm_runs, omadm_queued=omadm_queued, omadm_op=omadm_op,
         omadm_notified=omadm_notified,
         omadm_form=omadm_form or {"verb": "Get", "target": "", "value": "", "format": ""},
+        omadm_alert_form=omadm_alert_form or {"kind": "display", "text": "", "choices": "",
+                                              "default": ""},
         omadm_verbs=OMADM_VERBS, omadm_formats=OMADM_FORMATS, canonical_url=canonical_url,
     )  # fmt: skip
 
