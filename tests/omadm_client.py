@@ -40,7 +40,10 @@ class DmClient:
     # Exec on these answers 202; the outcome follows in the next session's Generic Alert
     async_nodes: set[str] = field(default_factory=set)
     alert_result: str = "1200"
+    alert_type: str = "urn:oma:at:lawmo:1.0:OperationComplete"
     pending_alerts: list[tuple[str, str]] = field(default_factory=list)
+    # Generic Alerts to send in the next package 1: (correlator or None, source, type, data)
+    generic_alerts: list[tuple[str | None, str, str, str]] = field(default_factory=list)
     # SCOMO: packages fetched from PkgURL by DownloadInstall, by component node
     downloads: dict[str, bytes] = field(default_factory=dict)
     to_download: list[tuple[str, str]] = field(default_factory=list)
@@ -48,6 +51,12 @@ class DmClient:
     user: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
     shown: list[list[str]] = field(default_factory=list)
     partial: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+    # MaxMsgSize/MaxObjSize in package 1 only (they hold for the whole session)
+    meta_first_only: bool = False
+    max_obj_size: int | None = None
+    # the DMAcc node holding this client's account (./DMAcc/<dmacc>): its AppAuth secrets
+    # and nonces are the ones the client uses, so a server's Replace of them takes effect
+    dmacc: str | None = None
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
@@ -60,6 +69,46 @@ class DmClient:
         self.tree.setdefault("./DevDetail/SwV", "4.2.1")
         self.tree.setdefault("./DevDetail/FwV", "fw-17")
         self.tree.setdefault("./DevDetail/DevTyp", "phone")
+        if self.dmacc:
+            base = f"./DMAcc/{self.dmacc}"
+            self.tree[f"{base}/ServerID"] = self.server_id
+            for y, level, name in (
+                ("cl", "CLCRED", self.client_name),
+                ("srv", "SRVCRED", self.server_id),
+            ):
+                self.tree[f"{base}/AppAuth/{y}/AAuthLevel"] = level
+                self.tree[f"{base}/AppAuth/{y}/AAuthType"] = "DIGEST"
+                self.tree[f"{base}/AppAuth/{y}/AAuthName"] = name
+            self._store_dmacc()
+
+    def _appauth(self, level: str) -> str | None:
+        """The AppAuth node of this client's DMAcc account with that AAuthLevel."""
+        base = f"./DMAcc/{self.dmacc}/AppAuth/"
+        for k, v in self.tree.items():
+            if k.startswith(base) and k.endswith("/AAuthLevel") and v == level:
+                return k.rsplit("/", 1)[0]
+        return None
+
+    def _store_dmacc(self) -> None:
+        """The credentials in use, written to the DMAcc tree."""
+        for level, secret, nonce in (
+            ("CLCRED", self.client_password, self.client_nonce),
+            ("SRVCRED", self.server_password, self.server_nonce),
+        ):
+            node = self._appauth(level)
+            if node:
+                self.tree[f"{node}/AAuthSecret"] = secret
+                self.tree[f"{node}/AAuthData"] = nonce
+
+    def _load_dmacc(self) -> None:
+        """The credentials in use, read back from the DMAcc tree (after the server's changes)."""
+        cl, srv = self._appauth("CLCRED"), self._appauth("SRVCRED")
+        if cl:
+            self.client_password = self.tree[f"{cl}/AAuthSecret"]
+            self.client_nonce = self.tree[f"{cl}/AAuthData"]
+        if srv:
+            self.server_password = self.tree[f"{srv}/AAuthSecret"]
+            self.server_nonce = self.tree[f"{srv}/AAuthData"]
 
     # ---------------------------------------------------------------- messages
 
@@ -82,7 +131,11 @@ class DmClient:
 
     def header(self, *, cred: bool) -> m.Header:
         self.msg_id += 1
-        meta = m.Meta(max_msg_size=self.max_msg_size) if self.max_msg_size else None
+        meta = None
+        if (self.max_msg_size or self.max_obj_size) and (
+            self.msg_id == 1 or not self.meta_first_only
+        ):
+            meta = m.Meta(max_msg_size=self.max_msg_size, max_obj_size=self.max_obj_size)
         return m.Header(
             session_id=self.session_id,
             msg_id=str(self.msg_id),
@@ -106,8 +159,7 @@ class DmClient:
         ]
         cmds.append(m.Command(name="Replace", cmd_id=str(next(self._ids)), items=items))
         for correlator, uri in self.pending_alerts:
-            kind = "urn:oma:at:lawmo:1.0:OperationComplete"
-            meta = m.Meta(type=kind, format="int")
+            meta = m.Meta(type=self.alert_type, format="int")
             cmds.append(
                 m.Command(
                     name="Alert",
@@ -118,6 +170,17 @@ class DmClient:
                 )
             )
         self.pending_alerts = []
+        for correlator, uri, type_, data in self.generic_alerts:
+            cmds.append(
+                m.Command(
+                    name="Alert",
+                    cmd_id=str(next(self._ids)),
+                    data="1226",
+                    correlator=correlator,
+                    items=[m.Item(source=uri, meta=m.Meta(type=type_, format="chr"), data=data)],
+                )
+            )
+        self.generic_alerts = []
         return m.Message(header=self.header(cred=cred), commands=cmds)
 
     async def send(self, msg: m.Message, *, raw: bytes | None = None) -> m.Message:
@@ -190,6 +253,22 @@ class DmClient:
                     )
                 )
                 code = 200
+            elif children := sorted(
+                {k[len(uri) + 1 :].split("/", 1)[0] for k in self.tree if k.startswith(uri + "/")}
+            ):
+                # an interior node: its value lists its children
+                out.append(
+                    m.Command(
+                        name="Results",
+                        cmd_id="",
+                        msg_ref=msg_ref,
+                        cmd_ref=cmd.cmd_id,
+                        items=[
+                            m.Item(source=uri, meta=m.Meta(format="node"), data="/".join(children))
+                        ],
+                    )
+                )
+                code = 200
             else:
                 code = 404
         elif cmd.name in ("Replace", "Add") and (item.more_data or uri in self.partial):
@@ -258,6 +337,8 @@ class DmClient:
         hs = self.header_status(reply)
         if hs.chal is not None and hs.chal.next_nonce:
             self.client_nonce = hs.chal.next_nonce
+            if self.dmacc:
+                self._store_dmacc()  # a NextNonce goes where the client keeps its nonce
         cmds: list[m.Command] = []
         # the server's header
         cmds.append(
@@ -304,6 +385,8 @@ class DmClient:
                 code = self._run(c, reply.header.msg_id, sub)
                 cmds.append(self._status(c, reply, code))
                 cmds.extend(sub)
+        if self.dmacc:
+            self._load_dmacc()
         if (not managed or alerts_only) and reply.final:
             return None
         for c in cmds:

@@ -272,6 +272,20 @@ class Settings(BaseSettings):
     # their identity with one); clients without a certificate are not affected
     omadm_client_certs: bool = True
 
+    # --- diagnostics (`diagnose` runs and OMA DM DiagMon reports)
+    # how many reports each device keeps (older ones are pruned as new ones arrive), and the
+    # largest report data stored, in JSON bytes (a larger one keeps its health numbers only)
+    diagnostics_keep: int = Field(default=50, ge=1, le=10_000)
+    diagnostics_max_bytes: int = Field(default=64 * 1024, ge=1024, le=4 * 1024 * 1024)
+    # the nodes a `diagnose` run reads on an OMA DM device: node URI -> health field, with an
+    # optional unit of its value (`mem_total:KB`); the first node a device has wins a field
+    omadm_diagmon_nodes: dict[str, str] = Field(
+        default_factory=lambda: _diagmon_defaults(), max_length=100
+    )
+    # a DiagMon procedure's Operations/Start node to Exec after the Gets ("": none); a
+    # device that accepts it (202) finishes the run with an OperationComplete Generic Alert
+    omadm_diagmon_start: str = Field(default="", pattern=r"^(\./[A-Za-z0-9_./-]{1,200})?$")
+
     @field_validator("port")
     @classmethod
     def _port_range(cls, v: int) -> int:
@@ -306,6 +320,13 @@ class Settings(BaseSettings):
         from custos.push.mqtt import check_topic_prefix
 
         return check_topic_prefix(v)
+
+    @field_validator("omadm_diagmon_nodes")
+    @classmethod
+    def _diagmon_nodes(cls, v: dict[str, str]) -> dict[str, str]:
+        from custos.omadm.diagmon import check_nodes
+
+        return check_nodes(v)
 
     @model_validator(mode="after")
     def _mqtt_client_cert(self) -> Settings:
@@ -358,3 +379,9 @@ class _TomlSource(PydanticBaseSettingsSource):
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc
         return data.get("server", data)
+
+
+def _diagmon_defaults() -> dict[str, str]:
+    from custos.omadm.diagmon import DEFAULT_NODES
+
+    return dict(DEFAULT_NODES)

@@ -372,6 +372,10 @@ class AgentRuntime:
             return {"result": {"checkin_interval": interval}}
         if cmd.kind == "reboot":
             return {"result": {"reboot": "scheduled", "argv": self.reboot_argv}}
+        if cmd.kind == "diagnose":
+            from custos.agent import diagnose
+
+            return {"result": {"snapshot": await asyncio.to_thread(diagnose.snapshot)}}
         if cmd.kind == "collect_file":
             return await self._collect(cmd.run_id, p)
         if cmd.kind in ("schedule", "unschedule"):

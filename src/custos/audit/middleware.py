@@ -124,6 +124,7 @@ ACTIONS: dict[str, Action] = {
     "omadm.queue_ops": Action("omadm.ops", "device:{ref}"),
     "omadm.user_alert": Action("omadm.alert", "device:{ref}"),
     "omadm.notify": Action("omadm.notify", "device:{ref}"),
+    "omadm.rotate_credentials": Action("omadm.rotate", "device:{ref}"),
     "console.omadm_register": Action("omadm.enroll"),
     "console.omadm_node_op": Action("omadm.ops", "device:{device_id}"),
     "console.omadm_notify": Action("omadm.notify", "device:{device_id}"),
@@ -183,7 +184,8 @@ def result_of(status: int) -> str:
     return "ok"
 
 
-def _trusted(peer: str, proxies: Iterable[str]) -> bool:
+def in_networks(peer: str, proxies: Iterable[str]) -> bool:
+    """Whether an address lies in one of the CIDR networks (an unparsable one: never)."""
     try:
         ip = ipaddress.ip_address(peer)
     except ValueError:
@@ -203,7 +205,7 @@ def client_address(scope: Scope, trusted_proxies: Iterable[str] = ()) -> str:
     client = scope.get("client")
     peer = str(client[0]) if client else ""
     proxies = tuple(trusted_proxies)
-    if not proxies or not _trusted(peer, proxies):
+    if not proxies or not in_networks(peer, proxies):
         return peer
     hops: list[str] = []
     for k, v in scope.get("headers", ()):
@@ -211,7 +213,7 @@ def client_address(scope: Scope, trusted_proxies: Iterable[str] = ()) -> str:
             hops.extend(h.strip() for h in v.decode("latin-1").split(","))
     # walk back from the nearest hop; the first one we do not trust is the client
     for hop in reversed([h for h in hops if h]):
-        if not _trusted(hop, proxies):
+        if not in_networks(hop, proxies):
             try:
                 return str(ipaddress.ip_address(hop))
             except ValueError:

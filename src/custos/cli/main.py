@@ -14,6 +14,7 @@ def build_app() -> typer.Typer:
         agent_cmd,
         audit_cmds,
         demo_cmd,
+        diag_cmd,
         omadm_cmd,
         policy_cmds,
         report_cmds,
@@ -46,6 +47,7 @@ def build_app() -> typer.Typer:
     policy_cmds.register(app)
     webhook_cmds.register(app)
     omadm_cmd.register(app)
+    diag_cmd.register(app)
     agent_cmd.register(app)
     demo_cmd.register(app)
     return app

@@ -427,13 +427,15 @@ def _queue(
     notify: bool,
     json_out: bool,
     alert: dict[str, Any] | None = None,
+    rotate: bool = False,
 ) -> None:
-    """Queue the ops (or a user alert), then print what happened or wait for the answer."""
+    """Queue the ops (or a user alert, or a DMAcc rotation), then print what happened or
+    wait for the answer."""
     with _client() as c:
-        if alert is not None:
-            queued: dict[str, Any] = c.post(
-                f"{BASE}/{_seg(device)}/alert", {**alert, "notify": notify}
-            )
+        if rotate:
+            queued: dict[str, Any] = c.post(f"{BASE}/{_seg(device)}/rotate", {"notify": notify})
+        elif alert is not None:
+            queued = c.post(f"{BASE}/{_seg(device)}/alert", {**alert, "notify": notify})
         else:
             queued = c.post(f"{BASE}/{_seg(device)}/ops", {"ops": ops, "notify": notify})
         cid = str(queued.get("command_id"))
@@ -621,6 +623,18 @@ def omadm_alert(
     _queue(device, [], wait=wait, notify=notify, json_out=json_out, alert=body)
 
 
+def omadm_rotate(
+    device: DeviceArg, wait: WaitOpt = 0, notify: NotifyOpt = True, json_out: JsonOpt = False
+) -> None:
+    """Give the device new DM account secrets over the protocol (its DMAcc).
+
+    The server finds the device's account for its ServerID and replaces the client's and
+    the server's secrets and nonces in one Atomic; the new ones take effect only once the
+    device has accepted all of it, and are never shown. With --wait, exit 0 once done.
+    """
+    _queue(device, [], wait=wait, notify=notify, json_out=json_out, rotate=True)
+
+
 def omadm_notify(device: DeviceArg, json_out: JsonOpt = False) -> None:
     """Send package #0 now so the device opens a session; exit 1 if it was not delivered."""
     with _client() as c:
@@ -652,4 +666,5 @@ def register(app: typer.Typer) -> None:
     omadm.command("exec")(omadm_exec)
     omadm.command("alert")(omadm_alert)
     omadm.command("notify")(omadm_notify)
+    omadm.command("rotate")(omadm_rotate)
     app.add_typer(omadm, name="omadm")

@@ -18,7 +18,7 @@ from custos.validation import (
     scrub,
 )
 
-KINDS = ("exec", "script", "reboot", "settings", "collect_file", "ping")
+KINDS = ("exec", "script", "reboot", "settings", "collect_file", "ping", "diagnose")
 RESULT_STATES = ("succeeded", "failed", "interrupted", "expired", "rejected")
 MAX_COLLECT_BYTES = 64 * 1024 * 1024
 MAX_REPORTED_OUTPUT = 2_200_000
@@ -51,7 +51,7 @@ class CommandCreate(Strict):
     target: SafeStr = Field(
         min_length=1, max_length=300, description="device id or name, or group:NAME"
     )
-    kind: Literal["exec", "script", "reboot", "settings", "collect_file", "ping"]
+    kind: Literal["exec", "script", "reboot", "settings", "collect_file", "ping", "diagnose"]
     argv: list[Annotated[SafeStr, Field(max_length=32_768)]] | None = Field(
         default=None, max_length=1000
     )

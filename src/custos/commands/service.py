@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,9 @@ OPEN = ("queued", "sent", "acked")
 RUN_ID_CHARS = set("0123456789abcdef")
 # runs listed in the answer to creating a command (the counts cover all of them)
 CREATE_RUNS_SHOWN = 100
+
+# called in the recording transaction with the results that just closed runs of one kind
+ResultHook = Callable[[AsyncSession, list[tuple[str, RunResult]]], Awaitable[None]]
 
 
 def _counts(rows: Sequence[tuple[str, int]]) -> dict[str, int]:
@@ -113,6 +116,16 @@ class CommandService:
             .values(state="acked")
         )
         self._take_stmt = _take_statement() if self._pg else None
+        # kind -> (hook, cheap test of a result): another feature's use of what runs return
+        self._result_hooks: dict[str, tuple[ResultHook, Callable[[RunResult], bool]]] = {}
+
+    def on_result(self, kind: str, hook: ResultHook, wants: Callable[[RunResult], bool]) -> None:
+        """Call `hook` with each result that closes a run of `kind`, in the same transaction.
+
+        `wants` looks at a result alone: only results it accepts cost a query (the kinds of
+        their runs), so check-ins carrying other results stay as cheap as before.
+        """
+        self._result_hooks[kind] = (hook, wants)
 
     async def create(
         self, req: CommandCreate, created_by: str, scope: Scope = None
@@ -465,10 +478,52 @@ class CommandService:
                         "r_result": res.result,
                     }
                 )
+        hooked = await self._hooked_runs(s, items) if self._result_hooks else {}
         if updates:
             conn = await s.connection()
             await conn.execute(self._result_stmt, updates)
+        if hooked:
+            by_kind: dict[str, list[tuple[str, RunResult]]] = {}
+            for device_id, results in items:
+                for res in results:
+                    entry = hooked.get(res.run_id)
+                    if entry is not None and entry[0] == device_id:
+                        # the first report of a run is the one that closed it
+                        del hooked[res.run_id]
+                        by_kind.setdefault(entry[1], []).append((device_id, res))
+            for kind, closed in by_kind.items():
+                await self._result_hooks[kind][0](s, closed)
         return out
+
+    async def _hooked_runs(
+        self, s: AsyncSession, items: Sequence[tuple[str, Sequence[RunResult]]]
+    ) -> dict[str, tuple[str, str]]:
+        """Open runs of a hooked kind among these results: run id -> (device id, kind).
+
+        Read (and locked) before the results close them, so a result reported twice, at once
+        or later, reaches the hook once.
+        """
+        wanted = [
+            res.run_id
+            for _, results in items
+            for res in results
+            if any(wants(res) for _, wants in self._result_hooks.values())
+        ]
+        if not wanted:
+            return {}
+        rows = (
+            await s.execute(
+                select(CommandRun.id, CommandRun.device_id, Command.kind)
+                .join(Command, Command.id == CommandRun.command_id)
+                .where(
+                    CommandRun.id.in_(sorted(set(wanted))),
+                    CommandRun.state.in_(OPEN),
+                    Command.kind.in_(sorted(self._result_hooks)),
+                )
+                .with_for_update(of=CommandRun)
+            )
+        ).all()
+        return {run_id: (device_id, kind) for run_id, device_id, kind in rows}
 
     async def expire_overdue(self) -> int:
         """Close pending runs whose command has expired (a periodic job)."""

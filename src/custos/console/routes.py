@@ -561,6 +561,7 @@ async def _device_page(
     can_retire = user.can("devices.manage") and dev.status == "active"
     compliance = await svc.policies.device_compliance(dev.id, view_scope)
     lost = compliance.lost or {}
+    diagnostics = await svc.diagnostics.latest(dev.id)
     omadm = None
     omadm_runs: list[queries.DeviceRun] = []
     if dev.agent_version.startswith("omadm"):
@@ -583,6 +584,7 @@ async def _device_page(
         omadm_alert_form=omadm_alert_form or {"kind": "display", "text": "", "choices": "",
                                               "default": ""},
         omadm_verbs=OMADM_VERBS, omadm_formats=OMADM_FORMATS, canonical_url=canonical_url,
+        diagnostics=diagnostics,
     )  # fmt: skip
 
 
@@ -727,8 +729,8 @@ def _command_request(
     elif kind == "script":
         body["interpreter"] = interpreter or "sh"
         body["script"] = script
-    elif kind not in ("ping", "reboot"):
-        raise Invalid("the console sends exec, script, ping and reboot commands")
+    elif kind not in ("ping", "reboot", "diagnose"):
+        raise Invalid("the console sends exec, script, ping, reboot and diagnose commands")
     try:
         return CommandCreate(**body)
     except ValidationError as exc:
@@ -766,7 +768,7 @@ async def send_command(
     request: Request,
     user: Annotated[ConsoleUser, _needs("commands.run")],
     target: Annotated[str, Form(max_length=300)],
-    kind: Annotated[str, Form(pattern="^(exec|script|ping|reboot)$")],
+    kind: Annotated[str, Form(pattern="^(exec|script|ping|reboot|diagnose)$")],
     command: Annotated[str, Form(max_length=32_768)] = "",
     interpreter: Annotated[str, Form(pattern="^(|sh|python|powershell)$")] = "",
     script: Annotated[str, Form(max_length=1_048_576)] = "",

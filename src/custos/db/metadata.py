@@ -12,6 +12,7 @@ def load_metadata() -> MetaData:
     from custos.commands import models as _commands  # noqa: F401
     from custos.db.base import Base
     from custos.devices import models as _devices  # noqa: F401
+    from custos.diagnostics import models as _diagnostics  # noqa: F401
     from custos.omadm import models as _omadm  # noqa: F401
     from custos.policies import models as _policies  # noqa: F401
     from custos.reports import models as _reports  # noqa: F401

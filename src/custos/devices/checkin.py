@@ -28,6 +28,9 @@ from custos.tasks.service import record_task_results
 
 log = logging.getLogger(__name__)
 
+_WOKEN = CheckinRequest(wake=True)  # never changed: shared by every woken push check-in
+_NO_WORK = b'{"commands":[]'  # how every answer that hands out nothing begins
+
 
 class DeviceCheckin:
     """Takes results and inventory, hands out work; last-seen is batched, not written each time.
@@ -118,6 +121,34 @@ class DeviceCheckin:
         # runs handed out stay pending until acknowledged, so only an empty take drains
         self.work.settle(device_id, generation, drained=not work)
         return self._render(work, accepted, accepted_tasks, version, resync)
+
+    async def push_checkins(
+        self, items: list[tuple[DeviceAuth, list[str] | None]]
+    ) -> list[bytes | None]:
+        """Check-ins on behalf of push-connected devices, in one batch (see custos.push.wire).
+
+        Each item is a woken device (None: look for work) or the run ids it acknowledged on
+        its socket. The answers are in order: the check-in response for a device that is
+        handed work, None for one that is not (nothing goes down its socket). The caller has
+        verified that the devices are active. Should the batch fail, the check-ins are
+        retried one by one through the batcher, so an error reaches only its own device.
+        """
+        now = utcnow()
+        reqs: list[tuple[str, CheckinRequest]] = []
+        for auth, acks in items:
+            d = auth.device_id
+            prev = self._seen.get(d)
+            self._seen[d] = (now, round(auth.skew_s, 1), prev[2] if prev else "")
+            reqs.append((d, CheckinRequest(acks=acks) if acks else _WOKEN))
+        try:
+            bodies = await self._process_batch(reqs)
+        except Exception as exc:
+            log.info("push check-in batch of %d failed (%s); one by one", len(reqs), exc)
+            done = await asyncio.gather(
+                *(self._batch.submit(d, r) for d, r in reqs), return_exceptions=True
+            )
+            bodies = [b if isinstance(b, bytes) else _NO_WORK for b in done]
+        return [None if b.startswith(_NO_WORK) else b for b in bodies]
 
     def _render(
         self,

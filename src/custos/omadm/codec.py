@@ -126,14 +126,22 @@ def to_xml(root: Element) -> bytes:
     return "".join(out).encode()
 
 
-def decode(data: bytes, content_type: str | None) -> tuple[Element, str]:
-    """The tree of a request body and the media type to answer in."""
+def decode(
+    data: bytes, content_type: str | None, *, max_text: int | None = None
+) -> tuple[Element, str]:
+    """The tree of a request body and the media type to answer in.
+
+    `max_text` bounds all the text of a WBXML document together (its string table can
+    repeat text many times over); XML text can never be longer than the body itself.
+    """
     kind = media_type(content_type)
     if kind in WBXML_TYPES:
         from custos.omadm import wbxml
 
         try:
-            return wbxml.decode(data, max_nodes=MAX_NODES, max_depth=MAX_DEPTH), kind
+            return wbxml.decode(
+                data, max_nodes=MAX_NODES, max_depth=MAX_DEPTH, max_text=max_text
+            ), kind
         except wbxml.WbxmlError as exc:
             raise CodecError(f"malformed WBXML: {exc}") from None
     if kind in XML_TYPES:

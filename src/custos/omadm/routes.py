@@ -17,6 +17,7 @@ from custos.omadm.schemas import (
     AccountOut,
     OpsQueued,
     OpsRequest,
+    RotateRequest,
     UserAlert,
 )
 from custos.omadm.service import Peer
@@ -47,10 +48,10 @@ def _client_cert(request: Request, svc: Services) -> bytes | None:
     proxies = svc.settings.omadm_cert_proxies
     if not header or len(header) > MAX_CERT_HEADER or not proxies:
         return None
-    from custos.audit.middleware import _trusted
+    from custos.audit.middleware import in_networks
 
     client = request.scope.get("client")
-    if not client or not _trusted(str(client[0]), proxies):
+    if not client or not in_networks(str(client[0]), proxies):
         return None
     try:
         cert = x509.load_pem_x509_certificate(unquote(header).encode())
@@ -61,6 +62,17 @@ def _client_cert(request: Request, svc: Services) -> bytes | None:
     except Exception:  # not PEM, not ours, a bad signature: no certificate
         return None
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+def endpoint_url(request: Request, svc: Services) -> str:
+    """The endpoint's URL as devices reach it: under `public_url` when that is set (behind
+    a TLS-terminating proxy the request shows the proxy's plain-HTTP hop), else the request's.
+    RespURI and the SCOMO/FUMO download links are made from it."""
+    public = svc.settings.public_url
+    if not public:
+        return str(request.url)
+    url = public.rstrip("/") + svc.settings.omadm_path
+    return f"{url}?{request.url.query}" if request.url.query else url
 
 
 async def syncml_endpoint(request: Request) -> Response:
@@ -76,7 +88,7 @@ async def syncml_endpoint(request: Request) -> Response:
     peer = Peer(
         client_cert_der=_client_cert(request, svc),
         hmac=request.headers.get("x-syncml-hmac"),
-        url=str(request.url),
+        url=endpoint_url(request, svc),
         session_token=request.query_params.get("s", "")[:64],
         address=client_address(request),
     )
@@ -156,6 +168,21 @@ async def user_alert(
 ) -> OpsQueued:
     """Show the device's user a message, a yes/no question, a text field or a choice."""
     return await svc.omadm.queue_alert(ref, body, who.username, who.device_scope("commands.run"))
+
+
+@admin_router.post("/devices/{ref}/rotate", response_model=OpsQueued, status_code=201)
+async def rotate_credentials(
+    ref: str,
+    body: RotateRequest | None = None,
+    who: Principal = Depends(require("devices.manage")),
+    svc: Services = Depends(services),
+) -> OpsQueued:
+    """Give the device new DM account secrets over the protocol (DMAcc AppAuth Replaces);
+    the old ones hold until the device has taken the new ones. The secrets are never shown."""
+    notify = body.notify if body is not None else True
+    return await svc.omadm.rotate_credentials(
+        ref, notify, who.username, who.device_scope("devices.manage")
+    )
 
 
 @admin_router.post("/devices/{ref}/notify")

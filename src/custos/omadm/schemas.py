@@ -146,6 +146,12 @@ class OpsRequest(Strict):
         return self
 
 
+class RotateRequest(Strict):
+    """Rotate a device's DM account secrets (DMAcc) in its next session."""
+
+    notify: bool = True
+
+
 class OpsQueued(BaseModel):
     command_id: str
     run_id: str

@@ -46,7 +46,7 @@ from custos.devices.schemas import InventoryDelta
 from custos.devices.scope import Scope, in_scope
 from custos.devices.service import apply_inventory, resolve_device
 from custos.errors import Conflict, Invalid, NotFound
-from custos.omadm import auth, codec, notification
+from custos.omadm import auth, codec, diagmon, dmacc, notification
 from custos.omadm import message as m
 from custos.omadm.models import OmadmAccount, OmadmSession
 from custos.omadm.schemas import (
@@ -103,6 +103,16 @@ LOCK_S = 300
 MAX_RUNS_PER_MESSAGE = 20
 DOWNLOAD_TTL_S = 7 * 86400
 RUN_OUTPUT_LIMIT = 64 * 1024
+# the stored-answer type of an answer kept sealed (it carried new DM secrets)
+SEALED = "sealed;"
+# a message's decoded text may be this many times its size limit, and no more
+TEXT_PER_MESSAGE_BYTE = 4
+# large objects a client may have in flight at once (MoreData), together within
+# omadm_max_obj_size; URIs longer than this are not joined
+MAX_CHUNKED_OBJECTS = 8
+MAX_CHUNK_KEY = 1000
+# a client's MaxMsgSize below this is raised to it: no useful message is smaller
+MIN_CLIENT_MSG_SIZE = 2048
 
 
 @dataclass
@@ -142,7 +152,15 @@ def _account_out(a: OmadmAccount, name: str) -> AccountOut:
         last_session_at=a.last_session_at,
         inventory_at=a.inventory_at,
         notified_at=a.notified_at,
-        locked_until=a.locked_until,
+        locked_until=a.locked_until if account_locked(a, utcnow()) else None,
+    )
+
+
+def account_locked(a: OmadmAccount, now: Any) -> bool:
+    """Whether the whole account is locked out (locked_until is otherwise the end of the
+    window in which failures are counted)."""
+    return (
+        a.failures >= MAX_ACCOUNT_FAILURES and a.locked_until is not None and a.locked_until > now
     )
 
 
@@ -225,7 +243,9 @@ class OmadmService:
             self._failed = {k: v for k, v in self._failed.items() if v[1] > now}
             if len(self._failed) >= MAX_TRACKED_ADDRESSES:
                 self._failed.clear()
-        count, _ = self._failed.get((account_id, address), (0, 0.0))
+        count, until = self._failed.get((account_id, address), (0, 0.0))
+        if until <= now:
+            count = 0  # failures more than LOCK_S apart do not add up
         self._failed[(account_id, address)] = (count + 1, now + LOCK_S)
 
     def address_ok(self, account_id: int, address: str) -> None:
@@ -240,6 +260,13 @@ class OmadmService:
     def _unseal(self, sealed: str) -> str:
         raw = base64.b64decode(sealed)
         return self._aead.decrypt(raw[:12], raw[12:], b"omadm").decode()
+
+    def _seal_bytes(self, data: bytes) -> bytes:
+        nonce = secrets.token_bytes(12)
+        return nonce + self._aead.encrypt(nonce, data, b"omadm-response")
+
+    def _unseal_bytes(self, sealed: bytes) -> bytes:
+        return self._aead.decrypt(sealed[:12], sealed[12:], b"omadm-response")
 
     # ------------------------------------------------------------ accounts
 
@@ -391,6 +418,25 @@ class OmadmService:
         """Ask the device's user something (Alerts 1100-1104); the answer is the run's result."""
         return await self._queue(ref, {"ops": [req.op()]}, req.notify, created_by, scope)
 
+    async def rotate_credentials(
+        self, ref: str, notify: bool, created_by: str, scope: Scope = None
+    ) -> OpsQueued:
+        """Queue a rotation of the device's DM account secrets over the protocol (DMAcc):
+        new ones take effect once the device has answered 200 to all their Replaces."""
+        async with self.db.read() as s:
+            device = await resolve_device(s, ref, scope)
+            method = await s.scalar(
+                select(OmadmAccount.auth).where(OmadmAccount.device_id == device.id)
+            )
+        if method == "cert":
+            raise Invalid(
+                f"device {device.name} authenticates with its certificate: it has no DM "
+                "secrets to rotate",
+                code="cert_account",
+            )
+        payload = {"ops": [], dmacc.PAYLOAD_KEY: dmacc.PAYLOAD_VALUE}
+        return await self._queue(ref, payload, notify, created_by, scope)
+
     async def _queue(
         self, ref: str, payload: dict[str, Any], notify: bool, created_by: str, scope: Scope
     ) -> OpsQueued:
@@ -418,7 +464,7 @@ class OmadmService:
                 select(CommandRun.id).where(CommandRun.command_id == command_id)
             )
             device_id = device.id
-        verbs = ",".join(sorted({str(op.get("verb")) for op in payload["ops"]}))
+        verbs = ",".join(sorted({str(op.get("verb")) for op in payload["ops"]})) or "DMAcc rotation"
         log.info("omadm %s queued for %s by %s", verbs, device_id, created_by)
         notified, detail = False, "not requested"
         if notify:
@@ -566,7 +612,9 @@ class OmadmService:
     async def handle(self, body: bytes, content_type: str | None, peer: Peer) -> Reply:
         """Answer one SyncML message."""
         try:
-            root, kind = codec.decode(body, content_type)
+            # decoded text is bounded by the message size (WBXML string tables repeat text)
+            text_limit = TEXT_PER_MESSAGE_BYTE * self.settings.omadm_max_msg_size
+            root, kind = codec.decode(body, content_type, max_text=text_limit)
             msg = m.parse(root)
         except (codec.CodecError, m.MessageError) as exc:
             return _plain(400, f"not a SyncML DM message: {exc}")
@@ -632,13 +680,34 @@ class _Session:
         self.waiting: dict[str, dict[str, Any]] = {}
         self.alerts: list[tuple[str, str, str | None, str | None]] = []
         self.software_done: list[tuple[dict[str, Any], RunResult]] = []
-        limit = msg.header.meta.max_msg_size if msg.header.meta else None
-        self.out = _Out(min(limit or svc.settings.omadm_max_msg_size, 4 * 1024 * 1024))
-        self.client_obj_limit = (
-            msg.header.meta.max_obj_size
-            if msg.header.meta and msg.header.meta.max_obj_size
-            else None
-        )
+        # this reply's header Status names the client's next nonce; the client's header
+        # Status named this server's; this reply carries new DM secrets (DMAcc rotation)
+        self.nonce_sent = False
+        self.server_nonce_given = False
+        self.sensitive = False
+        # the client's limits as this message states them; the session's stored ones are
+        # applied once its state is read (_client_limits)
+        self.out = _Out(self._msg_limit(msg.header.meta.max_msg_size if msg.header.meta else None))
+        self.client_obj_limit: int | None = None
+
+    def _msg_limit(self, client: int | None) -> int:
+        """The size of the messages sent: the client's MaxMsgSize (at least 2048, at most
+        4 MiB), or this server's own when the client named none."""
+        if not client:
+            return min(self.svc.settings.omadm_max_msg_size, 4 * 1024 * 1024)
+        return max(MIN_CLIENT_MSG_SIZE, min(client, 4 * 1024 * 1024))
+
+    def _client_limits(self) -> None:
+        """MaxMsgSize and MaxObjSize hold for the whole session: a message without Meta
+        keeps what an earlier one said (kept in the session's state)."""
+        meta = self.msg.header.meta
+        if meta is not None and meta.max_msg_size:
+            self.state["client_max_msg"] = self._msg_limit(meta.max_msg_size)
+        if meta is not None and meta.max_obj_size:
+            self.state["client_max_obj"] = int(meta.max_obj_size)
+        if self.state.get("client_max_msg"):
+            self.out.limit = int(self.state["client_max_msg"])
+        self.client_obj_limit = self.state.get("client_max_obj") or None
 
     # -------------------------------------------------------------- main
 
@@ -655,7 +724,7 @@ class _Session:
         self.device = await self.s.get(Device, account.device_id)
         if self.device is None or self.device.status != "active":
             return self._header_only(FORBIDDEN)
-        if account.locked_until is not None and account.locked_until > self.now:
+        if account_locked(account, self.now):
             return self._header_only(INVALID_CRED)
         if self.svc.address_locked(account.id, self.peer.address):
             return self._header_only(INVALID_CRED)
@@ -679,7 +748,10 @@ class _Session:
             and same_channel
         ):
             headers = {"x-syncml-hmac": row.last_response_hmac} if row.last_response_hmac else {}
-            return Reply(200, row.last_response, row.last_response_type, headers)
+            stored, stored_type = row.last_response, row.last_response_type
+            if stored_type.startswith(SEALED):
+                stored, stored_type = self.svc._unseal_bytes(stored), stored_type[len(SEALED) :]
+            return Reply(200, stored, stored_type, headers)
         if self.msg_no <= row.client_msg_id:
             return self._header_only(BAD_REQUEST)
         original_ids = (row.client_msg_id, row.server_msg_id)
@@ -702,6 +774,8 @@ class _Session:
             await self.s.delete(self.replaced)
             await self.s.flush()
             self.replaced = None
+        if self.accepted:
+            self._client_limits()
         hdr_status = m.Command(
             name="Status",
             cmd_id=self.out.cmd_id(),
@@ -716,6 +790,8 @@ class _Session:
         self.out.add(hdr_status)
         if status in (OK, AUTH_ACCEPTED):
             await self._process()
+            # DiagMon Generic Alerts become diagnostics reports, with or without a run
+            await diagmon.store_alerts(self.s, account.device_id, self.msg.commands, settings)
             await self._asynchronous_results()
             if self.results:
                 # closed before new work is taken, or a run just answered would be sent again
@@ -798,7 +874,13 @@ class _Session:
         assert account is not None and row is not None
         h = self.msg.header
         method = account.auth
-        client_ha1 = self.svc._unseal(account.client_ha1_sealed)
+        # the account's secret and nonce; while this session rotates them (DMAcc), the new
+        # ones too: the device may already use what it was sent before its Status arrives
+        keys = [(self.svc._unseal(account.client_ha1_sealed), account.client_nonce)]
+        pending = (self.state.get("rotate") or {}).get("pending")
+        if pending:
+            new_ha1 = self.svc._unseal(pending["client_ha1"])
+            keys += [(new_ha1, account.client_nonce), (new_ha1, pending["client_nonce"])]
         ok = False
         given = h.cred is not None or self.peer.hmac is not None
         if self.peer.client_cert_der is not None and self._cert_matches():
@@ -809,12 +891,11 @@ class _Session:
             used = "hmac"
             if self.peer.hmac:
                 try:
-                    ok = auth.check_hmac(
-                        self.peer.hmac,
-                        account.client_name,
-                        client_ha1,
-                        auth.unb64(account.client_nonce),
-                        self.body,
+                    ok = any(
+                        auth.check_hmac(
+                            self.peer.hmac, account.client_name, ha1, auth.unb64(nonce), self.body
+                        )
+                        for ha1, nonce in keys
                     )
                 except auth.AuthError:
                     ok = False
@@ -822,9 +903,13 @@ class _Session:
             used = "md5" if h.cred.type == auth.AUTH_MD5 else "basic"
             try:
                 if used == "md5":
-                    ok = auth.check_md5(h.cred.data, client_ha1, auth.unb64(account.client_nonce))
+                    ok = any(
+                        auth.check_md5(h.cred.data, ha1, auth.unb64(nonce)) for ha1, nonce in keys
+                    )
                 elif method == "basic":
-                    ok = auth.check_basic(h.cred.data, account.client_name, client_ha1)
+                    ok = any(
+                        auth.check_basic(h.cred.data, account.client_name, ha1) for ha1, _ in keys
+                    )
             except auth.AuthError:
                 ok = False
         else:
@@ -846,19 +931,27 @@ class _Session:
             row.auth_method = used
             if used in ("md5", "basic"):
                 self.state.setdefault("resp_token", secrets.token_urlsafe(18))
-            account.failures = 0
+            if account.failures:
+                account.failures = 0
+                account.locked_until = None
             self.svc.address_ok(account.id, self.peer.address)
             chal = None
             if used in ("md5", "hmac"):
                 # a fresh nonce for the client's next credentials
                 account.client_nonce = auth.new_nonce()
                 chal = m.Meta(format="b64", type=chal_type, next_nonce=account.client_nonce)
+                self.nonce_sent = True
             if first or h.cred is not None or used == "hmac":
                 return AUTH_ACCEPTED, chal
             return OK, chal
         row.failures += 1
-        account.failures += 1
         self.svc.address_failed(account.id, self.peer.address)
+        # failures count within a window of LOCK_S that opens with the first of them; while
+        # the account is not locked, locked_until holds that window's end (no extra column)
+        if account.locked_until is None or account.locked_until <= self.now:
+            account.failures = 0
+            account.locked_until = self.now + timedelta(seconds=LOCK_S)
+        account.failures += 1
         if account.failures >= MAX_ACCOUNT_FAILURES:
             # a guess from everywhere at once: the whole account waits (one address is
             # stopped after MAX_FAILURES without shutting the device itself out)
@@ -868,8 +961,9 @@ class _Session:
             )
         if chal_type is None:
             return (INVALID_CRED if given else MISSING_CRED), None
-        if method in ("md5", "hmac"):
-            account.client_nonce = auth.new_nonce()
+        # the challenge repeats the nonce the device holds: a failed message (perhaps a
+        # stranger's) must not move it, or anyone could break the device's next message.
+        # Replay is stopped by the rotation after every success, which a failure never is.
         chal = m.Meta(
             format="b64",
             type=chal_type,
@@ -908,15 +1002,18 @@ class _Session:
     async def _process(self) -> None:
         cmds = self.msg.commands
         # Results before Statuses: a Get's Status closes it, its Results carry the value
-        for cmd in (c for c in cmds if c.name == "Results" and not c.error):
-            self._on_results(cmd)
+        result_codes = {
+            id(cmd): self._on_results(cmd)
+            for cmd in cmds
+            if cmd.name == "Results" and not cmd.error
+        }
         for cmd in cmds:
             if cmd.error:
                 self._status(cmd, NOT_SUPPORTED if cmd.error.startswith("unknown") else BAD_REQUEST)
             elif cmd.name == "Status":
                 self._on_status(cmd)
             elif cmd.name == "Results":
-                self._status(cmd, OK)
+                self._status(cmd, result_codes.get(id(cmd), OK))
             elif cmd.name == "Alert":
                 self._on_alert(cmd)
             elif cmd.name in ("Replace", "Add"):
@@ -971,7 +1068,15 @@ class _Session:
             held["size"] if held else (item.meta.size if item.meta and item.meta.size else declared)
         )
         limit = self.svc.settings.omadm_max_obj_size
-        if len(so_far) > limit or (size is not None and size > limit):
+        # the stored state is bounded: a few objects at once, all of them within the limit
+        others = sum(len(k) + len(v["data"]) for k, v in chunks.items() if k != key)
+        if (
+            len(so_far) > limit
+            or (size is not None and size > limit)
+            or others + len(key) + len(so_far) > limit
+            or len(key) > MAX_CHUNK_KEY
+            or (held is None and len(chunks) >= MAX_CHUNKED_OBJECTS)
+        ):
             chunks.pop(key, None)
             raise ValueError("large")
         if item.more_data:
@@ -1009,24 +1114,39 @@ class _Session:
         if mapped:
             self.inventory[mapped] = value
 
-    def _on_results(self, cmd: m.Command) -> None:
+    def _on_results(self, cmd: m.Command) -> int:
+        """A Get's value: noted in the inventory and kept for the run. The code for the
+        Results' Status: 213 while a large value is still coming in pieces (MoreData)."""
         key = f"{cmd.msg_ref or self.state.get('last_sent_msg', '')}:{cmd.cmd_ref}"
         entry = self.state.get("out", {}).get(key)
+        code = OK
         for item in cmd.items:
             uri = item.source or item.target or (entry or {}).get("target")
             if not uri:
                 continue
             try:
-                value = self._chunk(f"res:{key}:{uri}", item)
-            except ValueError:
+                value = self._chunk(f"res:{key}:{uri}", item, cmd.meta.size if cmd.meta else None)
+            except ValueError as exc:
+                too_large = str(exc) != "size"
                 if entry is not None:
-                    entry["error"] = "result larger than the object limit"
+                    entry.pop("partial", None)
+                    entry["error"] = (
+                        "result larger than the object limit"
+                        if too_large
+                        else "result not the size the device announced"
+                    )
+                code = TOO_LARGE if too_large else SIZE_MISMATCH
                 continue
             if value is None:
+                if entry is not None:
+                    entry["partial"] = True  # the run waits for the rest of the value
+                code = CHUNK_ACCEPTED if code == OK else code
                 continue
             self._note_value(uri, value)
             if entry is not None:
+                entry.pop("partial", None)
                 entry.setdefault("data", value)
+        return code
 
     def _on_status(self, cmd: m.Command) -> None:
         account = self.account
@@ -1039,6 +1159,7 @@ class _Session:
                 try:
                     auth.unb64(nonce)
                     account.server_nonce = nonce
+                    self.server_nonce_given = True
                 except auth.AuthError:
                     pass
             self.state["server_authenticated"] = code in ("200", "212")
@@ -1057,8 +1178,11 @@ class _Session:
         """Commands with a Status are done; their runs close once all their commands are."""
         out: dict[str, dict[str, Any]] = self.state.get("out", {})
         runs: dict[str, dict[str, Any]] = self.state.setdefault("runs", {})
-        for key in [k for k, e in out.items() if "status" in e]:
+        for key in [k for k, e in out.items() if "status" in e and not e.get("partial")]:
             entry = out.pop(key)
+            if entry.get("kind") == "rot":
+                self._rotation_answer(entry)
+                continue
             if entry.get("kind") == "inv":
                 if entry["status"] == "200":
                     self.state["inventory_read"] = True
@@ -1091,6 +1215,9 @@ class _Session:
             current = str(self.row.server_msg_id) if self.row is not None else ""
             for key in [k for k in out if k.split(":", 1)[0] != current]:
                 entry = out.pop(key)
+                if entry.get("kind") == "rot":
+                    self._rotation_answer({**entry, "status": "0"})
+                    continue
                 run = runs.get(entry.get("run", ""))
                 if entry.get("kind") == "chunk":
                     self.state.pop("stream", None)
@@ -1098,8 +1225,13 @@ class _Session:
                     self.inventory_retry = True
                 if run is not None and entry.get("kind") in ("op", "chunk"):
                     op = run["ops"][entry["i"]]
+                    if entry.get("partial"):
+                        # its Status came, but the value's last piece never did
+                        op.setdefault("status", 0)
+                        op.setdefault("error", "the value's last piece (MoreData) never came")
                     op.setdefault("status", 0)
                     op.setdefault("error", "no Status from the device")
+        self._rotation_advance()
         for run_id, run in list(runs.items()):
             if any("status" not in op for op in run["ops"]):
                 continue
@@ -1179,6 +1311,9 @@ class _Session:
             self.account.inventory_at = None
         if self.state.get("stream"):
             self._next_chunk()  # a large object under way: one chunk per message
+            return
+        if self.state.get("rotate"):
+            self._rotation_send()  # a DMAcc rotation under way: its next step
             return
         account = self.account
         assert account is not None
@@ -1265,6 +1400,8 @@ class _Session:
 
     def _deliver(self, run: DeliveredCommand) -> bool:
         """Add one run's commands to the message; False when they do not fit in it."""
+        if dmacc.is_rotation(run.kind, run.payload):
+            return self._rotation_start(run)
         ops: list[dict[str, Any]] | None
         if run.kind == "software":
             descriptor = run.payload.get("descriptor") or {}
@@ -1273,6 +1410,8 @@ class _Session:
                 ops, why = self._fumo_ops(run)
             else:
                 ops, why = self._scomo_ops(run), ""
+        elif run.kind == "diagnose":
+            ops, why = diagmon.diagnose_ops(self.svc.settings), ""  # a DiagMon run
         else:
             ops, why = ops_for(run.kind, run.payload)
         if ops is None:
@@ -1296,9 +1435,21 @@ class _Session:
                     )
                 )
                 return True
+            op = ops[0]
+            size = len(op["data"].encode())
+            if self.client_obj_limit and size > self.client_obj_limit:
+                self.results.append(
+                    RunResult(
+                        run_id=run.run_id,
+                        state="failed",
+                        error=f"data of {size} bytes is larger than the device's MaxObjSize "
+                        f"({self.client_obj_limit}): not sent",
+                        finished_at=self.now,
+                    )
+                )
+                return True
             if self.out.management:
                 return False  # it starts a message of its own
-            op = ops[0]
             self.state["stream"] = {
                 "run": run.run_id,
                 "verb": op["verb"],
@@ -1326,7 +1477,11 @@ class _Session:
         cmds: list[m.Command] = []
         for i, op in enumerate(ops):
             data = op.get("data")
-            if data is not None and self.client_obj_limit and len(data) > self.client_obj_limit:
+            if (
+                data is not None
+                and self.client_obj_limit
+                and len(data.encode()) > self.client_obj_limit
+            ):
                 self.out.next_id = before
                 self.results.append(
                     RunResult(
@@ -1389,6 +1544,126 @@ class _Session:
                 c.cmd_id, {"kind": "op", "run": run.run_id, "i": i, "target": ops[i]["target"]}
             )
         return True
+
+    # -------------------------------------------------------------- DMAcc rotation
+
+    def _rotation_start(self, run: DeliveredCommand) -> bool:
+        """Begin rotating the DM account's secrets (one rotation at a time per session)."""
+        assert self.account is not None
+        if self.state.get("rotate") or self.out.management:
+            return False  # after the one under way; in a message of its own
+        if self.account.auth == "cert":
+            self.results.append(
+                RunResult(
+                    run_id=run.run_id,
+                    state="failed",
+                    error="a certificate account has no DM secrets to rotate",
+                    finished_at=self.now,
+                )
+            )
+            return True
+        self.state["rotate"] = dmacc.new_state(run.run_id)
+        self._rotation_send()
+        return True
+
+    def _rotation_send(self) -> None:
+        """The current step's commands: Gets while discovering, then the Atomic."""
+        rot = self.state["rotate"]
+        rot["sent"] = True
+        if rot["phase"] != "replace":
+            for target in dmacc.requests(rot):
+                cmd = m.Command(name="Get", cmd_id=self.out.cmd_id(), items=[m.Item(target=target)])
+                self.out.add(cmd)  # a few small Gets, always together
+                self.out.management += 1
+                self._expect(cmd.cmd_id, {"kind": "rot", "target": target})
+            return
+        if rot.get("pending"):
+            # sent, never answered in its package (the Statuses were lost): not again, as
+            # the device may hold either set now; the old one stays in force
+            self._rotation_end("the device did not answer the credential Replaces")
+            return
+        assert self.account is not None
+        client_password, server_password = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+        # a nonce named in this reply's header Status is the one the client will hold
+        client_nonce = self.account.client_nonce if self.nonce_sent else auth.new_nonce()
+        server_nonce = auth.new_nonce()
+        rot["pending"] = {
+            "client_ha1": self.svc._seal(auth.ha1(self.account.client_name, client_password)),
+            "server_password": self.svc._seal(server_password),
+            "client_nonce": client_nonce,
+            "server_nonce": server_nonce,
+        }
+        wrap = m.Command(name="Atomic", cmd_id=self.out.cmd_id())
+        for r in dmacc.replaces(
+            rot, (client_password, client_nonce), (server_password, server_nonce)
+        ):
+            wrap.children.append(
+                m.Command(
+                    name="Replace",
+                    cmd_id=self.out.cmd_id(),
+                    meta=m.Meta(format=r["format"]),
+                    items=[m.Item(target=r["target"], data=r["data"])],
+                )
+            )
+        self.out.add(wrap, management=True)
+        self.sensitive = True  # the stored copy of this answer is sealed
+        self._expect(wrap.cmd_id, {"kind": "rot", "target": "Atomic"})
+        for c in wrap.children:
+            self._expect(c.cmd_id, {"kind": "rot", "target": c.items[0].target})
+
+    def _rotation_answer(self, entry: dict[str, Any]) -> None:
+        rot = self.state.get("rotate")
+        if rot is not None:
+            dmacc.record(rot, entry.get("target", ""), str(entry["status"]), entry.get("data"))
+
+    def _rotation_advance(self) -> None:
+        """Once a step is fully answered: the next one, the commit, or the failure."""
+        rot = self.state.get("rotate")
+        out = self.state.get("out", {})
+        if rot is None or not rot.get("sent") or any(e.get("kind") == "rot" for e in out.values()):
+            return
+        rot["sent"] = False
+        assert self.account is not None
+        try:
+            done = dmacc.advance(rot, self.account.server_id)
+        except dmacc.RotationFailed as exc:
+            self._rotation_end(str(exc))
+            return
+        if done:
+            self._rotation_commit(rot)
+
+    def _rotation_commit(self, rot: dict[str, Any]) -> None:
+        """The device took the new secrets: from now on only they are valid."""
+        account = self.account
+        assert account is not None
+        pending = rot["pending"]
+        account.client_ha1_sealed = pending["client_ha1"]
+        account.server_password_sealed = pending["server_password"]
+        if not self.nonce_sent:
+            # (a NextNonce in this reply's header Status supersedes the one in AAuthData)
+            account.client_nonce = pending["client_nonce"]
+        if not self.server_nonce_given:
+            account.server_nonce = pending["server_nonce"]
+        log.info("omadm %s: DM account secrets rotated (DMAcc)", account.dev_id)
+        self._rotation_end(None)
+
+    def _rotation_end(self, error: str | None) -> None:
+        rot = self.state.pop("rotate")
+        ops = rot.get("ops", [])
+        if error is not None:
+            assert self.account is not None
+            log.info("omadm %s: DMAcc rotation failed: %s", self.account.dev_id, error)
+        self.results.append(
+            RunResult(
+                run_id=rot["run"],
+                state="failed" if error else "succeeded",
+                exit_code=1 if error else 0,
+                stdout="" if error else dmacc.summary(rot),
+                error=error,
+                finished_at=self.now,
+                result={"ops": ops[:100], "rotated": error is None},
+            )
+        )
 
     def _fumo_ops(self, run: DeliveredCommand) -> tuple[list[dict[str, Any]] | None, str]:
         """A firmware image as FUMO: its name, version and a download link for this device
@@ -1559,6 +1834,10 @@ class _Session:
         row.last_request_sha = hashlib.sha256(self.body).hexdigest()
         row.last_response = body
         row.last_response_type = self.kind
+        if self.sensitive:
+            # new DM secrets are in this answer: the copy kept for a retransmission is sealed
+            row.last_response = self.svc._seal_bytes(body)
+            row.last_response_type = SEALED + self.kind
         row.last_response_hmac = headers.get("x-syncml-hmac", "")
         if row.authenticated:
             account.last_session_at = self.now

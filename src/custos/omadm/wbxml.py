@@ -161,12 +161,17 @@ class _Frame:
                 self.last.tail = (self.last.tail or "") + text
 
 
-def decode(data: bytes, *, max_nodes: int = 20000, max_depth: int = 32) -> ET.Element:
+def decode(
+    data: bytes, *, max_nodes: int = 20000, max_depth: int = 32, max_text: int | None = None
+) -> ET.Element:
     """Parse a WBXML SyncML (or MetInf) document into an element tree.
 
     Every malformed input raises WbxmlError; `max_nodes` bounds elements plus text pieces,
-    `max_depth` the element nesting, and MAX_TEXT_CHARS the text of the whole document.
+    `max_depth` the element nesting, and `max_text` (default MAX_TEXT_CHARS) the text of
+    the whole document: string-table references repeat text, so a small body could
+    otherwise expand to far more text than it holds.
     """
+    text_limit = MAX_TEXT_CHARS if max_text is None else min(max_text, MAX_TEXT_CHARS)
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WbxmlError("WBXML input must be bytes")
     r = _Reader(bytes(data))
@@ -235,8 +240,8 @@ def decode(data: bytes, *, max_nodes: int = 20000, max_depth: int = 32) -> ET.El
             text_chars += len(piece)
             if nodes > max_nodes:
                 raise WbxmlError(f"more than {max_nodes} nodes")
-            if text_chars > MAX_TEXT_CHARS:
-                raise WbxmlError(f"more than {MAX_TEXT_CHARS} characters of text")
+            if text_chars > text_limit:
+                raise WbxmlError(f"more than {text_limit} characters of text")
             frame = stack[-1]
             frame.pieces.append(piece)
             if latin1:

@@ -20,6 +20,7 @@ from custos.commands import routes as command_routes
 from custos.console import routes as console_routes
 from custos.db.engine import Database
 from custos.devices import routes as device_routes
+from custos.diagnostics import routes as diagnostics_routes
 from custos.omadm import routes as omadm_routes
 from custos.policies import routes as policy_routes
 from custos.push import routes as push_routes
@@ -136,6 +137,7 @@ def create_app(settings: Settings) -> FastAPI:
         account_routes.router,
         device_routes.admin_router,
         device_routes.device_router,
+        diagnostics_routes.router,
         command_routes.admin_router,
         command_routes.device_router,
         task_routes.admin_router,

@@ -17,6 +17,7 @@ from custos.devices.ca import CertificateAuthority
 from custos.devices.checkin import DeviceCheckin
 from custos.devices.identity import DeviceAuthenticator
 from custos.devices.service import DeviceService, EnrollmentService
+from custos.diagnostics.service import DIAGNOSE_KIND, DiagnosticsService
 from custos.omadm.service import OmadmService
 from custos.policies.service import PolicyService
 from custos.push.hub import Event, PushHub
@@ -83,6 +84,7 @@ class Services:
     policies: PolicyService
     webhooks: WebhookService
     omadm: OmadmService
+    diagnostics: DiagnosticsService
 
     @classmethod
     def build(
@@ -107,6 +109,9 @@ class Services:
         commands = CommandService(
             db, settings.data_dir / "uploads", settings.max_output_bytes, push=push
         )
+        diagnostics = DiagnosticsService(db, settings)
+        # a diagnose run's result becomes a diagnostics report in the transaction recording it
+        commands.on_result(DIAGNOSE_KIND, diagnostics.on_results, diagnostics.wants)
         store = LocalArtifactStore(settings.artifact_dir or settings.data_dir / "artifacts")
         software = SoftwareService(
             db,
@@ -169,6 +174,7 @@ class Services:
                 work=work,
                 seen=checkin.note_seen,
             ),
+            diagnostics=diagnostics,
         )
 
     async def resync_caches(self) -> None:

@@ -1022,6 +1022,8 @@ def _simulate(
         return {"result": {"reboot": "simulated", "argv": []}}
     if kind == "collect_file":
         return {"state": "failed", "error": NO_FILE_SYSTEM}
+    if kind == "diagnose":
+        return {"result": {"snapshot": simulated_snapshot(dev), "simulated": True}}
     if kind == "policy":
         dev.policy_seq += 1
         dev.policy_report = simulated_policy_report(dev, payload, dev.policy_seq)
@@ -1042,6 +1044,81 @@ def _simulate(
             }
         }
     return {"state": "rejected", "error": f"this agent does not know the command kind {kind!r}"}
+
+
+def simulated_snapshot(dev: SimDevice) -> dict[str, Any]:
+    """A plausible health snapshot (the shape of custos.agent.diagnose.snapshot) made up from
+    the device's inventory: steady per device, drifting a little from one call to the next."""
+    inv = dev.inventory()
+    rng = random.Random(f"{dev.seed}:{dev.index}:{int(time.time() // 60)}")  # noqa: S311
+    steady = random.Random(f"{dev.seed}:{dev.index}")  # noqa: S311
+    try:
+        mem_total = int(inv.get("hw.memory.total_bytes", "0")) or 8 * 1024**3
+    except ValueError:
+        mem_total = 8 * 1024**3
+    used_share = min(0.97, steady.uniform(0.25, 0.8) + rng.uniform(-0.05, 0.05))
+    available = int(mem_total * (1 - used_share))
+    disks = []
+    for mount, _device, total in _disks(inv):
+        share = random.Random(f"{dev.device_id}:{mount}").uniform(0.08, 0.86)  # noqa: S311
+        used = int(total * share)
+        disks.append(
+            {
+                "mount": mount,
+                "fstype": inv.get(f"hw.disk.{mount}.fstype", ""),
+                "total": total,
+                "used": used,
+                "free": total - used,
+                "percent": round(share * 100, 1),
+                "system": mount in ("/", "C:\\"),
+            }
+        )
+    try:
+        booted = datetime.strptime(inv["os.boot_time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        uptime = max(60, int((datetime.now(UTC) - booted).total_seconds()))
+    except (KeyError, ValueError):
+        uptime = steady.randint(3600, 30 * 86400)
+    battery = None
+    if "hw.battery.percent" in inv:
+        battery = {
+            "percent": float(inv["hw.battery.percent"]),
+            "plugged": inv.get("hw.battery.plugged") == "true",
+            "secs_left": None,
+        }
+    names = ("systemd", "custos-agent", "sshd", "chrome", "code", "python3", "postgres", "dockerd")
+    sizes = sorted(
+        (
+            (int(steady.uniform(5, 900) * 1024**2), 100 + i * 37, name)
+            for i, name in enumerate(names)
+        ),
+        reverse=True,
+    )
+    processes = [{"pid": pid, "name": name, "rss": rss} for rss, pid, name in sizes]
+    swap_total = mem_total // 4
+    swap_used = int(swap_total * rng.uniform(0, 0.2))
+    return {
+        "collected_at": _iso(),
+        "memory": {
+            "total": mem_total,
+            "available": available,
+            "used": mem_total - available,
+            "percent": round(used_share * 100, 1),
+        },
+        "swap": {
+            "total": swap_total,
+            "used": swap_used,
+            "free": swap_total - swap_used,
+            "percent": round(100 * swap_used / swap_total, 1) if swap_total else 0.0,
+        },
+        "disks": disks,
+        "load": [round(rng.uniform(0.02, 1.5), 2) for _ in range(3)],
+        "cpu": {"count": int(inv.get("hw.cpu.threads", "4") or 4), "percent": rng.uniform(1, 40)},
+        "uptime_s": uptime,
+        "boot_time": inv.get("os.boot_time", ""),
+        "battery": battery,
+        "process_count": steady.randint(80, 400),
+        "processes": processes,
+    }
 
 
 def simulated_policy_report(dev: SimDevice, bundle: Mapping[str, Any], seq: int) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Device diagnostics: health snapshots from agents and OMA DM DiagMon reports."""

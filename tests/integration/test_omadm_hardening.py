@@ -1,0 +1,546 @@
+"""OMA DM limits and lockout, large Results, the client's limits for a whole session, URLs
+behind a proxy, and DMAcc credential rotation — on SQLite and PostgreSQL, with the test client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select, update
+
+from custos.db.base import utcnow
+from custos.omadm import codec, wbxml
+from custos.omadm import message as m
+from custos.omadm.models import OmadmAccount, OmadmSession
+from omadm_client import DmClient, account_client
+
+URL = "http://test/omadm"
+
+
+class _Api:
+    """The app and an admin's client (what these tests use of conftest's `api`)."""
+
+    def __init__(self, app: Any, http: httpx.AsyncClient, token: str) -> None:
+        self.app, self.http, self.token = app, http, token
+
+    @property
+    def services(self) -> Any:
+        return self.app.state.services
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"}
+
+    async def get(self, path: str, **kw: Any) -> httpx.Response:
+        return await self.http.get(path, headers=self.auth, **kw)
+
+    async def post(self, path: str, json: Any = None, **kw: Any) -> httpx.Response:
+        return await self.http.post(path, json=json, headers=self.auth, **kw)
+
+
+@asynccontextmanager
+async def _app(settings: Any, **changes: Any) -> AsyncIterator[_Api]:
+    """The app with some settings changed, an admin logged in."""
+    from custos.server.app import create_app
+
+    app = create_app(settings.model_copy(update=changes))
+    password = settings.admin_password.get_secret_value()
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            r = await http.post(
+                "/api/v1/auth/login", json={"username": "admin", "password": password}
+            )
+            assert r.status_code == 200, r.text
+            yield _Api(app, http, r.json()["token"])
+
+
+async def _enroll(api: Any, dev_id: str = "IMEI:356938035643809", **body: Any) -> dict[str, Any]:
+    r = await api.post("/api/v1/omadm/devices", json={"dev_id": dev_id, **body})
+    assert r.status_code == 201, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+async def _queue(api: Any, device: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
+    r = await api.post(f"/api/v1/omadm/devices/{device}/ops", json={"ops": ops})
+    assert r.status_code == 201, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+async def _run(api: Any, command_id: str) -> dict[str, Any]:
+    r = await api.get(f"/api/v1/commands/{command_id}")
+    assert r.status_code == 200, r.text
+    return r.json()["runs"][0]  # type: ignore[no-any-return]
+
+
+def _codes(reply: m.Message) -> dict[str, str]:
+    return {c.cmd_ref or "": c.data or "" for c in reply.commands if c.name == "Status"}
+
+
+async def _session_state(api: Any, created: dict[str, Any], session_id: str) -> dict[str, Any]:
+    async with api.services.db.read() as s:
+        row = await s.scalar(
+            select(OmadmSession)
+            .join(OmadmAccount, OmadmAccount.id == OmadmSession.account_id)
+            .where(
+                OmadmAccount.device_id == created["device_id"],
+                OmadmSession.session_id == session_id,
+            )
+        )
+    assert row is not None
+    return dict(row.state)
+
+
+# ---------------------------------------------------------------- 1. chunk state is bounded
+
+
+async def test_large_objects_in_flight_are_capped_in_number_and_bytes(settings: Any) -> None:
+    async with _app(settings, omadm_max_obj_size=6000) as api:
+        created = await _enroll(api)
+        dm = account_client(api.http, created, URL)
+        first = dm.package1()
+        # nine objects started at once: the ninth is refused, not kept
+        for i in range(9):
+            first.commands.append(
+                m.Command(
+                    name="Replace",
+                    cmd_id=str(100 + i),
+                    items=[m.Item(source=f"./Vendor/Obj{i}", data="abc", more_data=True)],
+                )
+            )
+        first.final = False
+        reply = await dm.send(first)
+        codes = _codes(reply)
+        assert [codes[str(100 + i)] for i in range(9)] == ["213"] * 8 + ["413"]
+        state = await _session_state(api, created, dm.session_id)
+        assert len(state["chunks"]) == 8
+        # each object is under the limit, together they are not: the one that tips it is 413
+        more = m.Message(
+            header=dm.header(cred=False),
+            commands=[
+                m.Command(
+                    name="Replace",
+                    cmd_id=str(200 + i),
+                    items=[m.Item(source=f"./Vendor/Obj{i}", data="y" * 2500, more_data=True)],
+                )
+                for i in range(3)
+            ],
+            final=False,
+        )
+        reply = await dm.send(more)
+        codes = _codes(reply)
+        assert [codes["200"], codes["201"], codes["202"]] == ["213", "213", "413"]
+        state = await _session_state(api, created, dm.session_id)
+        held = sum(len(k) + len(v["data"]) for k, v in state["chunks"].items())
+        assert held <= 6000 and "in:./Vendor/Obj2" not in state["chunks"]
+
+
+# ---------------------------------------------------------------- 2. WBXML expansion
+
+
+async def test_wbxml_string_table_expansion_is_bounded_by_the_message_size(api: Any) -> None:
+    # 1,000 two-byte references to a 1,000-byte string: 3 kB of body, 1 MB of text
+    table = b"x" * 1000 + b"\x00"
+    body = b"\x02\xa4\x01\x6a" + wbxml._uint(len(table)) + table + b"\x6d" + b"\x83\x00" * 1000
+    body += b"\x01"
+    assert len(body) < api.services.settings.omadm_max_msg_size
+    r = await api.http.post("/omadm", content=body, headers={"content-type": codec.WBXML_TYPE})
+    assert r.status_code == 400
+    limit = 4 * api.services.settings.omadm_max_msg_size
+    assert f"more than {limit} characters of text" in r.text
+
+
+# ---------------------------------------------------------------- 3. lockout and nonces
+
+
+async def test_account_failures_decay_and_a_lock_is_not_forever(api: Any) -> None:
+    created = await _enroll(api)
+    device = created["device_id"]
+    now = utcnow()
+    # after a lock that has run out, one stray failure does not lock the account again
+    async with api.services.db.transaction() as uow:
+        await uow.session.execute(
+            update(OmadmAccount)
+            .where(OmadmAccount.device_id == device)
+            .values(failures=150, locked_until=now - timedelta(seconds=1))
+        )
+    stranger = httpx.ASGITransport(app=api.app, client=("10.9.9.9", 4000))
+    async with httpx.AsyncClient(transport=stranger, base_url="http://test") as http:
+        bad = account_client(http, created, URL, client_password="wrong-password")
+        bad.session_id = "90"
+        reply = await bad.send(bad.package1())
+        assert DmClient.header_status(reply).data == "401"
+    good = account_client(api.http, created, URL)
+    good.session_id = "91"
+    reply = await good.send(good.package1())
+    assert DmClient.header_status(reply).data == "212"
+    # a hundred within the window do lock it (counted from anywhere)
+    async with api.services.db.transaction() as uow:
+        await uow.session.execute(
+            update(OmadmAccount)
+            .where(OmadmAccount.device_id == device)
+            .values(failures=99, locked_until=utcnow() + timedelta(seconds=200))
+        )
+    async with httpx.AsyncClient(transport=stranger, base_url="http://test") as http:
+        bad = account_client(http, created, URL, client_password="wrong-password")
+        bad.session_id = "92"
+        await bad.send(bad.package1())
+    listed = (await api.get("/api/v1/omadm/devices")).json()
+    assert listed[0]["locked_until"] is not None
+    chal = DmClient.header_status(reply).chal
+    assert chal is not None and chal.next_nonce
+    good = account_client(api.http, created, URL, client_nonce=chal.next_nonce)
+    good.session_id = "93"
+    reply = await good.send(good.package1())
+    assert DmClient.header_status(reply).data == "401"
+    # a window that has passed starts the count again
+    async with api.services.db.transaction() as uow:
+        await uow.session.execute(
+            update(OmadmAccount)
+            .where(OmadmAccount.device_id == device)
+            .values(failures=99, locked_until=utcnow() - timedelta(seconds=1))
+        )
+    async with httpx.AsyncClient(transport=stranger, base_url="http://test") as http:
+        bad = account_client(http, created, URL, client_password="wrong-password")
+        bad.session_id = "94"
+        await bad.send(bad.package1())
+    listed = (await api.get("/api/v1/omadm/devices")).json()
+    assert listed[0]["locked_until"] is None
+    good.session_id = "95"
+    good.msg_id = 0
+    reply = await good.send(good.package1())
+    assert DmClient.header_status(reply).data == "212"
+
+
+def test_an_address_failure_long_ago_does_not_add_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from custos.omadm import service
+
+    svc = service.OmadmService.__new__(service.OmadmService)
+    svc._failed = {}
+    clock = [1000.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: clock[0])
+    for _ in range(service.MAX_FAILURES - 1):
+        svc.address_failed(1, "10.0.0.1")
+        clock[0] += service.LOCK_S + 1  # each one after the last has expired
+    svc.address_failed(1, "10.0.0.1")
+    assert not svc.address_locked(1, "10.0.0.1")
+    for _ in range(service.MAX_FAILURES):
+        svc.address_failed(1, "10.0.0.1")
+    assert svc.address_locked(1, "10.0.0.1")
+
+
+@pytest.mark.parametrize("method", ["md5", "hmac"])
+async def test_a_strangers_failure_does_not_move_the_devices_nonce(api: Any, method: str) -> None:
+    created = await _enroll(api, auth=method)
+    dm = account_client(api.http, created, URL)
+    held = dm.client_nonce
+    stranger = httpx.ASGITransport(app=api.app, client=("10.7.7.7", 4000))
+    async with httpx.AsyncClient(transport=stranger, base_url="http://test") as http:
+        bad = account_client(http, created, URL, client_password="not-the-password")
+        bad.session_id = "66"
+        reply = await bad.send(bad.package1())
+        hs = DmClient.header_status(reply)
+        assert hs.data == "401"
+        # the challenge names the nonce the device already holds
+        assert hs.chal is not None and hs.chal.next_nonce == held
+    replies = await dm.session()
+    assert DmClient.header_status(replies[0]).data == "212"
+    if method == "hmac":
+        # in the middle of a session too: a stranger's message does not break the next one
+        q = await _queue(api, created["device_id"], [{"verb": "Get", "target": "./DevInfo/Man"}])
+        dm.session_id = "67"
+        dm.msg_id = 0
+        reply = await dm.send(dm.package1())
+        async with httpx.AsyncClient(transport=stranger, base_url="http://test") as http:
+            bad = account_client(http, created, URL, client_password="not-the-password")
+            bad.session_id = "68"
+            await bad.send(bad.package1())
+        while (nxt := dm.respond(reply)) is not None:
+            reply = await dm.send(nxt)
+            assert DmClient.header_status(reply).data in ("200", "212")
+        assert (await _run(api, q["command_id"]))["state"] == "succeeded"
+
+
+# ---------------------------------------------------------------- 4. large Results
+
+
+async def test_large_results_get_213_per_piece_and_reach_the_run(api: Any) -> None:
+    created = await _enroll(api)
+    dm = account_client(api.http, created, URL)
+    await dm.session()  # the inventory read is out of the way
+    q = await _queue(api, created["device_id"], [{"verb": "Get", "target": "./Vendor/Log"}])
+    big = "".join(f"entry {i:04d} ü\n" for i in range(400))
+    dm.session_id = "80"
+    dm.msg_id = 0
+    dm.url = URL
+    reply = await dm.send(dm.package1())
+    get = next(c for c in reply.commands if c.name == "Get")
+    cut = [0, 2000, 4000, len(big)]
+    pieces = [big[cut[i] : cut[i + 1]] for i in range(3)]
+    hdr = m.Command(
+        name="Status",
+        cmd_id="1",
+        msg_ref=reply.header.msg_id,
+        cmd_ref="0",
+        cmd="SyncHdr",
+        data="212",
+    )
+    st = m.Command(
+        name="Status",
+        cmd_id="2",
+        msg_ref=reply.header.msg_id,
+        cmd_ref=get.cmd_id,
+        cmd="Get",
+        data="200",
+    )
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        res = m.Command(
+            name="Results",
+            cmd_id=str(10 + i),
+            msg_ref=reply.header.msg_id,
+            cmd_ref=get.cmd_id,
+            meta=m.Meta(size=len(big.encode())) if i == 0 else None,
+            items=[m.Item(source="./Vendor/Log", data=piece, more_data=not last)],
+        )
+        cmds = [hdr, st, res] if i == 0 else [res]
+        answer = await dm.send(m.Message(header=dm.header(cred=False), commands=cmds, final=last))
+        assert _codes(answer)[str(10 + i)] == ("200" if last else "213")
+    run = await _run(api, q["command_id"])
+    assert run["state"] == "succeeded", run
+    assert run["result"]["ops"][0]["data"] == big
+
+
+# ---------------------------------------------------------------- 5. the client's limits
+
+
+async def test_the_clients_max_msg_size_holds_for_the_session_and_has_a_floor(api: Any) -> None:
+    created = await _enroll(api)
+    dm = account_client(api.http, created, URL, max_msg_size=2500, meta_first_only=True)
+    await dm.session()
+    big = "x" * 900
+    qs = [
+        await _queue(
+            api, created["device_id"], [{"verb": "Replace", "target": f"./V/N{i}", "data": big}]
+        )
+        for i in range(4)
+    ]
+    dm.session_id = "81"
+    replies = await dm.session()
+    assert len(replies) >= 3
+    for _msg, reply in dm.log[-len(replies) :]:
+        assert len(codec.to_xml(m.build(reply))) <= 2500
+    for q in qs:
+        assert (await _run(api, q["command_id"]))["state"] == "succeeded"
+
+
+async def test_a_tiny_max_msg_size_is_raised_to_2048(api: Any) -> None:
+    created = await _enroll(api)
+    dm = account_client(api.http, created, URL)
+    await dm.session()
+    # a MaxMsgSize too small for anything is taken as 2048: small work still goes together
+    tiny = account_client(api.http, created, URL, max_msg_size=300, client_nonce=dm.client_nonce)
+    for i in range(3):
+        await _queue(api, created["device_id"], [{"verb": "Get", "target": f"./DevInfo/X{i}"}])
+    tiny.session_id = "82"
+    replies = await tiny.session()
+    gets = [c for c in replies[0].commands if c.name == "Get"]
+    assert len(gets) == 3
+
+
+async def test_an_object_larger_than_the_clients_max_obj_size_is_not_streamed(api: Any) -> None:
+    created = await _enroll(api)
+    dm = account_client(
+        api.http, created, URL, max_msg_size=3000, max_obj_size=8000, meta_first_only=True
+    )
+    await dm.session()
+    blob = "z" * 20_000  # needs MoreData under 3000, and is over the client's 8000
+    q = await _queue(
+        api, created["device_id"], [{"verb": "Replace", "target": "./V/Big", "data": blob}]
+    )
+    dm.session_id = "83"
+    await dm.session()
+    assert "./V/Big" not in dm.tree and not dm.partial
+    run = await _run(api, q["command_id"])
+    assert run["state"] == "failed" and "MaxObjSize (8000)" in run["error"], run
+
+
+# ---------------------------------------------------------------- 7. behind a proxy
+
+
+async def test_resp_uri_and_download_links_use_the_public_url(settings: Any, tmp_path: Any) -> None:
+    async with _app(settings, public_url="https://mdm.example.com/") as api:
+        created = await _enroll(api, name="router-9")
+        dm = account_client(api.http, created, URL)
+        replies = await dm.session()
+        assert replies[0].header.resp_uri is not None
+        assert replies[0].header.resp_uri.startswith("https://mdm.example.com/omadm?s=")
+        image = tmp_path / "fw.bin"
+        image.write_bytes(b"\x7fFW" * 100)
+        r = await api.http.post(
+            "/api/v1/packages",
+            params={
+                "filename": image.name,
+                "name": "fw",
+                "version": "1",
+                "destination": "/lib/firmware/fw.bin",
+            },
+            content=image.read_bytes(),
+            headers={**api.auth, "content-type": "application/octet-stream"},
+        )
+        assert r.status_code == 201, r.text
+        r = await api.post(
+            "/api/v1/deployments", json={"package": "fw", "targets": {"devices": ["router-9"]}}
+        )
+        assert r.status_code == 201, r.text
+        await api.services.software.tick()
+        dm.session_id = "84"
+        await dm.session()
+        url = dm.tree["./FUMO/Custos/DownloadAndUpdate/PkgURL"]
+        assert url.startswith("https://mdm.example.com/omadm/pkg/")
+    async with _app(settings) as api:
+        created = await _enroll(api, dev_id="IMEI:1")
+        dm = account_client(api.http, created, URL)
+        replies = await dm.session()
+        assert (replies[0].header.resp_uri or "").startswith("http://test/omadm?s=")
+
+
+# ---------------------------------------------------------------- DMAcc rotation
+
+
+async def _audit(api: Any) -> list[dict[str, Any]]:
+    r = await api.get("/api/v1/audit", params={"limit": 500})
+    assert r.status_code == 200, r.text
+    return r.json()["entries"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("method", ["md5", "hmac", "basic"])
+async def test_dmacc_rotation_gives_the_device_new_secrets(
+    api: Any, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    created = await _enroll(api, auth=method, name="phone-r")
+    dm = account_client(api.http, created, URL, dmacc="srv1", wbxml=method == "md5")
+    # another server's account on the same device is left alone
+    dm.tree["./DMAcc/other/ServerID"] = "someone-else"
+    dm.tree["./DMAcc/other/AppAuth/a/AAuthLevel"] = "CLCRED"
+    dm.tree["./DMAcc/other/AppAuth/a/AAuthSecret"] = "theirs"
+    await dm.session()
+    old = (dm.client_password, dm.server_password)
+    r = await api.post("/api/v1/omadm/devices/phone-r/rotate", json={"notify": False})
+    assert r.status_code == 201, r.text
+    queued = r.json()
+    dm.session_id = "R1"
+    await dm.session()
+    assert dm.server_auth_ok is True
+    run = await _run(api, queued["command_id"])
+    assert run["state"] == "succeeded", run
+    # the device holds new secrets for both sides, only in this server's account
+    assert dm.client_password != old[0] and dm.server_password != old[1]
+    assert dm.tree["./DMAcc/srv1/AppAuth/cl/AAuthSecret"] == dm.client_password
+    assert dm.tree["./DMAcc/other/AppAuth/a/AAuthSecret"] == "theirs"
+    # the secrets are nowhere but on the device: not in the run, the logs or the audit log
+    text = str(run) + caplog.text + str(await _audit(api))
+    for secret in (dm.client_password, dm.server_password):
+        assert secret not in text
+    async with api.services.db.read() as s:
+        rows = (await s.scalars(select(OmadmSession.last_response))).all()
+    assert not any(dm.client_password.encode() in (b or b"") for b in rows)
+    assert any(e["action"] == "omadm.rotate" for e in await _audit(api))
+    # the next session authenticates with the new secrets (and checks the server's)
+    dm.session_id = "R2"
+    dm.server_auth_ok = None
+    replies = await dm.session()
+    assert DmClient.header_status(replies[0]).data == "212"
+    assert dm.server_auth_ok is True
+    # the old client secret no longer works
+    stale = account_client(
+        api.http, created, URL, client_password=old[0], client_nonce=dm.client_nonce
+    )
+    stale.session_id = "R3"
+    reply = await stale.send(stale.package1())
+    assert DmClient.header_status(reply).data == "401"
+
+
+async def test_a_refused_rotation_keeps_the_old_secrets(api: Any) -> None:
+    created = await _enroll(api, name="phone-s")
+    dm = account_client(api.http, created, URL, dmacc="srv1")
+    await dm.session()
+    old = dm.client_password
+    dm.fail_nodes.add("./DMAcc/srv1/AppAuth/srv/AAuthSecret")
+    r = await api.post("/api/v1/omadm/devices/phone-s/rotate", json={"notify": False})
+    assert r.status_code == 201, r.text
+    dm.session_id = "S1"
+    await dm.session()
+    run = await _run(api, r.json()["command_id"])
+    assert run["state"] == "failed"
+    assert "old ones stay" in run["error"] and "AAuthSecret: 500" in run["error"]
+    assert dm.client_password == old  # the device rolled the Atomic back
+    dm.session_id = "S2"
+    replies = await dm.session()
+    assert DmClient.header_status(replies[0]).data == "212"
+    # a device without an account for this server: the run fails with the reason
+    dm.tree["./DMAcc/srv1/ServerID"] = "not-us"
+    r = await api.post("/api/v1/omadm/devices/phone-s/rotate", json={"notify": False})
+    assert r.status_code == 201, r.text
+    dm.session_id = "S3"
+    await dm.session()
+    run = await _run(api, r.json()["command_id"])
+    assert run["state"] == "failed" and "ServerID" in run["error"]
+    # certificate accounts have nothing to rotate; helpdesk may not rotate
+    cert = await _enroll(api, dev_id="IMEI:2", auth="cert")
+    r = await api.post(f"/api/v1/omadm/devices/{cert['device_id']}/rotate")
+    assert r.status_code == 422 and "certificate" in r.text
+    r = await api.post(
+        "/api/v1/users",
+        json={"username": "hd", "password": "helpdesk-pw-12", "roles": ["helpdesk"]},
+    )
+    assert r.status_code == 201, r.text
+    r = await api.http.post(
+        "/api/v1/auth/login", json={"username": "hd", "password": "helpdesk-pw-12"}
+    )
+    helpdesk = {"authorization": f"Bearer {r.json()['token']}"}
+    r = await api.http.post("/api/v1/omadm/devices/phone-s/rotate", headers=helpdesk)
+    assert r.status_code == 403
+
+
+async def test_the_answer_with_new_secrets_is_stored_sealed_and_replayed(api: Any) -> None:
+    created = await _enroll(api, name="phone-t")
+    dm = account_client(api.http, created, URL, dmacc="srv1")
+    await dm.session()
+    r = await api.post("/api/v1/omadm/devices/phone-t/rotate", json={"notify": False})
+    assert r.status_code == 201, r.text
+    dm.session_id = "T1"
+    dm.msg_id = 0
+    reply = await dm.send(dm.package1())
+    for _ in range(6):
+        nxt = dm.respond(reply)
+        assert nxt is not None
+        body = codec.to_xml(m.build(nxt))
+        first = await api.http.post(dm.url, content=body, headers={"content-type": codec.XML_TYPE})
+        reply = m.parse(codec.parse_xml(first.content))
+        dm.log.append((nxt, reply))
+        if any(c.name == "Atomic" for c in reply.commands):
+            break
+    atomic = next(c for c in reply.commands if c.name == "Atomic")
+    secrets = [
+        c.items[0].data or "" for c in atomic.children if "AAuthSecret" in (c.items[0].target or "")
+    ]
+    assert len(secrets) == 2 and all(secrets)
+    async with api.services.db.read() as s:
+        row = await s.scalar(select(OmadmSession).where(OmadmSession.session_id == "T1"))
+    assert row is not None and row.last_response_type.startswith("sealed;")
+    assert not any(x.encode() in row.last_response for x in secrets)
+    # a retransmission of the client's message gets the same answer back, unsealed
+    again = await api.http.post(dm.url, content=body, headers={"content-type": codec.XML_TYPE})
+    assert again.content == first.content
+    assert again.headers["content-type"].startswith(codec.XML_TYPE)
+    while (nxt := dm.respond(reply)) is not None:
+        reply = await dm.send(nxt)
+    assert dm.client_password == secrets[0]
