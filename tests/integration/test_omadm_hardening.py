@@ -544,3 +544,31 @@ async def test_the_answer_with_new_secrets_is_stored_sealed_and_replayed(api: An
     while (nxt := dm.respond(reply)) is not None:
         reply = await dm.send(nxt)
     assert dm.client_password == secrets[0]
+
+
+async def test_a_dm_account_secret_read_back_is_not_kept(api: Any) -> None:
+    created = await _enroll(api, name="phone-s")
+    dm = account_client(api.http, created, URL, dmacc="srv1")
+    dm.tree["./DMAcc/legacy/ClientPW"] = "old-style-pw"
+    await dm.session()
+    device = created["device_id"]
+    queued = await _queue(
+        api,
+        device,
+        [
+            {"verb": "Get", "target": "./DMAcc/srv1/AppAuth/cl/AAuthSecret"},
+            {"verb": "Get", "target": "./DMAcc/legacy/ClientPW"},
+            {"verb": "Get", "target": "./DMAcc/srv1/ServerID"},
+        ],
+    )
+    dm.session_id = "S2"
+    await dm.session()
+    run = await _run(api, queued["command_id"])
+    assert run["state"] == "succeeded", run
+    values = [op["data"] for op in run["result"]["ops"]]
+    assert values[0].startswith("(secret, ") and "not kept" in values[1]
+    assert values[2] == dm.tree["./DMAcc/srv1/ServerID"]  # other DMAcc leaves are read as usual
+    inventory = (await api.get(f"/api/v1/devices/{device}")).json()["inventory"]
+    text = str(run) + str(inventory)
+    assert dm.client_password not in text and "old-style-pw" not in text
+    assert inventory["dm/DMAcc/srv1/AppAuth/cl/AAuthSecret"].startswith("(secret, ")

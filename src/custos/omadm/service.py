@@ -168,6 +168,14 @@ def _plain(status: int, text: str) -> Reply:
     return Reply(status, (text + "\n").encode(), "text/plain; charset=utf-8")
 
 
+# DMAcc leaves that hold credentials (DM 1.2 AppAuth, DM 1.1 ClientPW/ServerPW)
+SECRET_LEAVES = frozenset({"aauthsecret", "clientpw", "serverpw"})
+
+
+def _secret_node(uri: str) -> bool:
+    return uri.rstrip("/").rsplit("/", 1)[-1].lower() in SECRET_LEAVES
+
+
 def inventory_key(uri: str) -> str:
     """The raw inventory key of a node: `./DevDetail/SwV` → `dm/DevDetail/SwV`."""
     return "dm" + uri[1:] if uri.startswith("./") else "dm/" + uri
@@ -1142,6 +1150,9 @@ class _Session:
                     entry["partial"] = True  # the run waits for the rest of the value
                 code = CHUNK_ACCEPTED if code == OK else code
                 continue
+            if _secret_node(uri):
+                # a DM account secret read back: neither the inventory nor the run keeps it
+                value = f"(secret, {len(value)} characters, not kept)"
             self._note_value(uri, value)
             if entry is not None:
                 entry.pop("partial", None)
