@@ -318,6 +318,16 @@ async def test_roles_without_the_permissions(api: Api, console: httpx.AsyncClien
         assert 'id="omadm-form"' in device_page.text
         r = await http.post(f"{url}/omadm", data={"csrf": h_csrf, **op})
         assert r.status_code == 201
+        # but not wipe the phone or touch its DM account: the service's rule, as in the API
+        for verb, target, needs in (
+            ("Exec", "./LAWMO/Operations/FactoryReset", "devices.wipe"),
+            ("Replace", "./DMAcc/srv/AppAuth/s/AAuthSecret", "devices.manage"),
+        ):
+            r = await http.post(
+                f"{url}/omadm",
+                data={"csrf": h_csrf, "verb": verb, "target": target, "value": "x"},
+            )
+            assert r.status_code == 403 and needs in r.text, (target, r.status_code)
 
     # auditor: reads everything, changes nothing
     await new_user(api, "audi", "auditor-pw-1", ["auditor"])

@@ -422,3 +422,19 @@ async def test_a_new_process_knows_every_device_before_its_first_check_in(api, s
         finally:
             event.remove(engine, "before_cursor_execute", counter)
         assert counter.n == 0, counter.statements
+
+
+async def test_a_check_in_without_a_version_keeps_the_stored_one(api):
+    """A push-woken check-in (and an OMA DM session's last-seen) may carry no agent version:
+    the batched last-seen write keeps the version the device reported before."""
+    dev = await api.new_device("versioned")
+    await dev.checkin({"agent_version": "9.8.7"})
+    checkin = api.services.checkin
+    await checkin.flush_last_seen()
+    checkin.note_seen(dev.device_id, "")
+    assert await checkin.flush_last_seen() == 1
+    r = await api.get(f"/api/v1/devices/{dev.device_id}")
+    assert r.json()["agent_version"] == "9.8.7"
+    checkin.note_seen(dev.device_id, "9.9.0")
+    await checkin.flush_last_seen()
+    assert (await api.get(f"/api/v1/devices/{dev.device_id}")).json()["agent_version"] == "9.9.0"

@@ -670,6 +670,31 @@ async def test_lawmo_nodes_need_the_lock_and_wipe_permissions(api: Any) -> None:
     assert r.status_code == 201, r.text
     r = await api.post(url, json=wipe)
     assert r.status_code == 201, r.text
+    # the DM account (its address and server secret move the device to another server) needs
+    # devices.manage, whichever way it is reached; the same for Windows' wipe and lock CSPs
+    for ops, needs in (
+        ([{"verb": "Replace", "target": "./DMAcc/srv1/AppAuth/s/AAuthSecret", "data": "x"}],
+         "devices.manage"),
+        ([{"verb": "Get", "target": "./DMAcc"}], "devices.manage"),
+        ([{"verb": "Get", "target": "./SyncML/dmacc/x/Addr"}], "devices.manage"),
+        ([{"verb": "Replace", "target": "./Vendor/MSFT/DMClient/Provider/P/x", "data": "1"}],
+         "devices.manage"),
+        ([{"verb": "Copy", "target": "./Tmp/x", "source": "./DMAcc/srv1/AppAuth/c/AAuthSecret"}],
+         "devices.manage"),
+        ([{"verb": "Exec", "target": "./Vendor/MSFT/RemoteWipe/doWipe"}], "devices.wipe"),
+        ([{"verb": "Get", "target": "./DevInfo/Man"},
+          {"verb": "Exec", "target": "./Vendor/MSFT/RemoteLock/Lock"}], "devices.lock"),
+    ):  # fmt: skip
+        r = await api.http.post(url, json={"ops": ops}, headers=helpdesk)
+        assert r.status_code == 403 and needs in r.text, (ops, r.text)
+        r = await api.post(url, json={"ops": ops})
+        assert r.status_code == 201, (ops, r.text)
+    # names that merely contain the words are not guarded
+    for target in ("./Vendor/DMAccount/x", "./Vendor/MyLAWMOx"):
+        r = await api.http.post(
+            url, json={"ops": [{"verb": "Get", "target": target}]}, headers=helpdesk
+        )
+        assert r.status_code == 201, (target, r.text)
 
 
 async def test_odd_digits_and_forged_tokens_get_no_500(api: Any) -> None:

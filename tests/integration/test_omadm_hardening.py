@@ -572,3 +572,24 @@ async def test_a_dm_account_secret_read_back_is_not_kept(api: Any) -> None:
     text = str(run) + str(inventory)
     assert dm.client_password not in text and "old-style-pw" not in text
     assert inventory["dm/DMAcc/srv1/AppAuth/cl/AAuthSecret"].startswith("(secret, ")
+
+    # a whole-subtree read (the device answers for the node we asked, with every value in
+    # it), an unknown leaf under the account, and the device's own report are hidden too;
+    # the list of an interior node's children is kept
+    dm.tree["./DMAcc/srv1/Vendor"] = "also-" + dm.client_password
+    queued = await _queue(
+        api,
+        device,
+        [
+            {"verb": "Get", "target": "./DMAcc/srv1/Vendor"},
+            {"verb": "Get", "target": "./DMAcc"},
+        ],
+    )
+    dm.session_id = "S3"
+    await dm.session()
+    run = await _run(api, queued["command_id"])
+    values = [op["data"] for op in run["result"]["ops"]]
+    assert values[0].startswith("(secret, "), values
+    assert "srv1" in values[1] and "legacy" in values[1], values
+    inventory = (await api.get(f"/api/v1/devices/{device}")).json()["inventory"]
+    assert dm.client_password not in str(run) + str(inventory)

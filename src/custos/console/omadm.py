@@ -201,9 +201,7 @@ async def omadm_node_op(
     form = {"verb": verb, "target": target, "value": value, "format": fmt}
     try:
         req = _node_request(verb, target, value, fmt)
-        queued = await _svc(request).omadm.queue_ops(
-            device_id, req, user.principal.username, user.principal.device_scope("commands.run")
-        )
+        queued = await _svc(request).omadm.queue_ops(device_id, req, user.principal)
     except DomainError as exc:
         return await _device_page(
             request, user, device_id, status=exc.status, error=exc, omadm_form=form

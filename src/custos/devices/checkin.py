@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import orjson
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, func, update
 
 from custos.commands.index import WorkIndex
 from custos.commands.schemas import DeliveredCommand
@@ -254,7 +254,10 @@ class DeviceCheckin:
             .values(
                 last_seen=bindparam("b_seen"),
                 last_clock_skew_s=bindparam("b_skew"),
-                agent_version=bindparam("b_ver"),
+                # "" (a push-woken check-in carries no version): keep the stored one
+                agent_version=func.coalesce(
+                    func.nullif(bindparam("b_ver"), ""), Device.agent_version
+                ),
             )
         )
         try:

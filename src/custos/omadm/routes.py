@@ -146,17 +146,10 @@ async def queue_ops(
     who: Principal = Depends(require("commands.run")),
     svc: Services = Depends(services),
 ) -> OpsQueued:
-    """Queue Get/Replace/Add/Delete/Exec/Copy on a device's nodes and wake it (package #0)."""
-    if any(op.target.startswith("./LAWMO") for op in body.ops):
-        # lock and wipe through raw nodes need what the lost-device actions need
-        scope_lock, scope_wipe = who.device_scope("devices.lock"), who.device_scope("devices.wipe")
-        if not (who.can("devices.lock") and who.can("devices.wipe")):
-            from custos.errors import Forbidden
+    """Queue Get/Replace/Add/Delete/Exec/Copy on a device's nodes and wake it (package #0).
 
-            raise Forbidden("LAWMO nodes need the devices.lock and devices.wipe permissions")
-        await svc.omadm.device_id(ref, scope_lock)
-        await svc.omadm.device_id(ref, scope_wipe)
-    return await svc.omadm.queue_ops(ref, body, who.username, who.device_scope("commands.run"))
+    Lock/wipe and DM account nodes need more than commands.run (checked by the service)."""
+    return await svc.omadm.queue_ops(ref, body, who)
 
 
 @admin_router.post("/devices/{ref}/alert", response_model=OpsQueued, status_code=201)

@@ -17,13 +17,14 @@ import copy
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from xml.etree.ElementTree import Element
 
 import httpx
@@ -45,7 +46,7 @@ from custos.devices.models import Device, Group, device_groups
 from custos.devices.schemas import InventoryDelta
 from custos.devices.scope import Scope, in_scope
 from custos.devices.service import apply_inventory, resolve_device
-from custos.errors import Conflict, Invalid, NotFound
+from custos.errors import Conflict, Forbidden, Invalid, NotFound
 from custos.omadm import auth, codec, diagmon, dmacc, notification
 from custos.omadm import message as m
 from custos.omadm.models import OmadmAccount, OmadmSession
@@ -53,6 +54,7 @@ from custos.omadm.schemas import (
     AccountCreate,
     AccountCreated,
     AccountOut,
+    NodeOp,
     OpsQueued,
     OpsRequest,
     UserAlert,
@@ -169,11 +171,74 @@ def _plain(status: int, text: str) -> Reply:
 
 
 # DMAcc leaves that hold credentials (DM 1.2 AppAuth, DM 1.1 ClientPW/ServerPW)
-SECRET_LEAVES = frozenset({"aauthsecret", "clientpw", "serverpw"})
+SECRET_LEAVES = frozenset({"aauthsecret", "aauthdata", "clientpw", "serverpw", "clientnonce",
+                           "servernonce"})  # fmt: skip
+# DM account leaves whose values are kept: names, addresses and kinds, never credentials
+ACCOUNT_PLAIN_LEAVES = frozenset(
+    {"serverid", "name", "appid", "addr", "addrtype", "portnbr", "prefconref", "toconref",
+     "conref", "aauthlevel", "aauthtype", "aauthname", "authpref", "prefauthtype", "username",
+     "servername", "ext", "appaddr", "port", "appauth"}
+)  # fmt: skip
+_ACCOUNT_TREE = re.compile(r"(^|/)(DMAcc|DMClient)(/|\?|$)", re.IGNORECASE)
 
 
-def _secret_node(uri: str) -> bool:
-    return uri.rstrip("/").rsplit("/", 1)[-1].lower() in SECRET_LEAVES
+def _secret_value(asked: str, uri: str, fmt: str | None) -> bool:
+    """Whether a value read from the device may hold a DM account secret: a credential leaf
+    anywhere, or anything under the account subtree (DMAcc, DMClient) that is not a plain
+    leaf or a bare list of child names. Judged on what we asked for as well as on the Source
+    the device names, so `?list=` forms and interior Gets are covered."""
+    for u in (asked, uri):
+        if u and u.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1].lower() in SECRET_LEAVES:
+            return True
+    if not any(u and _ACCOUNT_TREE.search(u) for u in (asked, uri)):
+        return False
+    if "?" in asked or "?" in uri:
+        return True
+    if fmt == "node":
+        return False  # an interior node's value is the names of its children
+    return uri.rstrip("/").rsplit("/", 1)[-1].lower() not in ACCOUNT_PLAIN_LEAVES
+
+
+def _hidden(value: str) -> str:
+    return f"(secret, {len(value)} characters, not kept)"
+
+
+class Who(Protocol):
+    """The admin asking (accounts.Principal): a name and permissions, each with a scope."""
+
+    @property
+    def username(self) -> str: ...
+
+    def can(self, perm: str) -> bool: ...
+
+    def device_scope(self, perm: str) -> Scope: ...
+
+
+# node subtrees that node operations reach only with more than commands.run: lock and wipe
+# (LAWMO, Windows' RemoteWipe/RemoteLock) as the lost-device actions need, and the DM account
+# (DMAcc; Windows' DMClient), whose address and server secret would move the device to
+# another server, and whose values hold its secrets
+GUARDED: tuple[tuple[re.Pattern[str], tuple[str, ...], str], ...] = (
+    (
+        re.compile(r"(^|/)(LAWMO|RemoteWipe|RemoteLock)(/|\?|$)", re.IGNORECASE),
+        ("devices.lock", "devices.wipe"),
+        "lock and wipe nodes (LAWMO, RemoteWipe, RemoteLock)",
+    ),
+    (
+        re.compile(r"(^|/)(DMAcc|DMClient)(/|\?|$)", re.IGNORECASE),
+        ("devices.manage",),
+        "DM account nodes (DMAcc, DMClient)",
+    ),
+)
+
+
+def guarded_needs(ops: list[NodeOp]) -> list[tuple[tuple[str, ...], str]]:
+    """The extra permissions these operations need: (permissions, what they guard)."""
+    out = []
+    for pattern, perms, what in GUARDED:
+        if any(pattern.search(u) for op in ops for u in (op.target, op.source or "") if u):
+            out.append((perms, what))
+    return out
 
 
 def inventory_key(uri: str) -> str:
@@ -409,10 +474,19 @@ class OmadmService:
 
     # ------------------------------------------------------------ node operations
 
-    async def queue_ops(
-        self, ref: str, req: OpsRequest, created_by: str, scope: Scope = None
-    ) -> OpsQueued:
-        """Queue node operations for a device's next session, then wake it with package #0."""
+    async def queue_ops(self, ref: str, req: OpsRequest, who: Who) -> OpsQueued:
+        """Queue node operations for a device's next session, then wake it with package #0.
+
+        `who` needs commands.run on the device, and more for guarded subtrees (lock and wipe
+        nodes, the DM account): checked here, so the API and the console apply the same rule.
+        """
+        for perms, what in guarded_needs(req.ops):
+            missing = [p for p in perms if not who.can(p)]
+            if missing:
+                raise Forbidden(f"{what} need the {' and '.join(perms)} permission(s)")
+            for perm in perms:
+                await self.device_id(ref, who.device_scope(perm))
+        created_by, scope = who.username, who.device_scope("commands.run")
         payload: dict[str, Any] = {"ops": [op.model_dump(exclude_none=True) for op in req.ops]}
         if req.atomic:
             payload["atomic"] = True
@@ -1110,6 +1184,11 @@ class _Session:
             if value is None:
                 code = CHUNK_ACCEPTED
                 continue
+            fmt = (item.meta.format if item.meta else None) or (
+                cmd.meta.format if cmd.meta else None
+            )
+            if _secret_value("", uri, fmt):
+                value = _hidden(value)  # the device's own report of an account secret
             self._note_value(uri, value)
         return code
 
@@ -1150,9 +1229,14 @@ class _Session:
                     entry["partial"] = True  # the run waits for the rest of the value
                 code = CHUNK_ACCEPTED if code == OK else code
                 continue
-            if _secret_node(uri):
+            fmt = (item.meta.format if item.meta else None) or (
+                cmd.meta.format if cmd.meta else None
+            )
+            ours = entry is not None and entry.get("kind") == "rot"  # rotation's own reads
+            asked = (entry or {}).get("target", "")
+            if not ours and _secret_value(asked, uri, fmt):
                 # a DM account secret read back: neither the inventory nor the run keeps it
-                value = f"(secret, {len(value)} characters, not kept)"
+                value = _hidden(value)
             self._note_value(uri, value)
             if entry is not None:
                 entry.pop("partial", None)
