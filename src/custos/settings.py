@@ -34,6 +34,8 @@ class Settings(BaseSettings):
         default=None, description="URL agents use, when it differs from what requests show"
     )
     workers: int = 1
+    # seconds an idle HTTP keep-alive connection stays open (above the clients' 5 s)
+    keep_alive_s: int = Field(default=20, ge=1, le=600)
     db_pool_size: int = Field(default=20, ge=1, le=500)
 
     admin_password: SecretStr | None = None

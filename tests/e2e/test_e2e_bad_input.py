@@ -280,3 +280,28 @@ def test_non_utf8_json_body_is_a_422(e2e: E2E) -> None:
     headers = {**admin.auth, "content-type": "application/json"}
     r = admin.http.post("/api/v1/commands", content=b"\xff\xfe not json", headers=headers)
     _error(r, 422)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_idle_keep_alive_connection_outlives_the_clients_idle_limit(e2e: E2E) -> None:
+    """httpx keeps an idle connection 5 s: the server must keep it longer, or a client can
+    reuse one just as the server closes it (a request lost without an answer, seen in B3)."""
+    import socket
+    import ssl
+
+    host, port = e2e.url.removeprefix("https://").rsplit(":", 1)
+    ctx = ssl.create_default_context(cadata=e2e.ca_pem)
+    ctx.check_hostname = False
+    request = f"GET /api/v1/ca HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    raw = socket.create_connection((host, int(port)), timeout=10)
+    with ctx.wrap_socket(raw, server_hostname=host) as conn:
+        for attempt in range(2):
+            conn.sendall(request)
+            got = b""
+            while b"\r\n\r\n" not in got or not got.rstrip().endswith(b"}"):
+                chunk = conn.recv(65536)
+                assert chunk, f"the server closed the connection (request {attempt + 1})"
+                got += chunk
+            assert got.startswith(b"HTTP/1.1 200"), got[:200]
+            if attempt == 0:
+                time.sleep(6.5)

@@ -185,6 +185,49 @@ async def test_delivery_and_acknowledgement_on_the_socket(api: Any, served: Serv
         await ws.close()
 
 
+async def test_a_fan_out_is_served_in_shared_batches(api: Any, served: Served) -> None:
+    # one command to several connected devices: the sockets are served by a few batched
+    # check-ins (not a task and a check-in each), plain sockets get a wake, deliver sockets
+    # their own run, and the acknowledgements are batched the same way
+    sockets = api.services.push_sockets
+    sockets.batch = 3
+    devs = [await api.new_device(f"fan{i}") for i in range(7)]
+    plain = [await _open(served, d) for d in devs[:2]]
+    delivering = [await _open(served, d, deliver=True) for d in devs[2:]]
+    try:
+        await eventually(lambda: len(sockets.open) == 7, 5)
+        before = sockets.chunks
+        cmd = await api.command(",".join(d.device_id for d in devs), kind="ping")
+        run_of = {r["device_id"]: r["id"] for r in cmd["runs"]}
+        for ws in plain:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 3)) == {"type": "wake"}
+        for dev, ws in zip(devs[2:], delivering, strict=True):
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 3))
+            assert frame["type"] == "checkin"
+            assert [c["run_id"] for c in frame["response"]["commands"]] == [run_of[dev.device_id]]
+        # 7 sockets in chunks of at most 3: 2 or 3 chunks, 5 deliveries in at most 3 check-ins
+        assert 1 <= sockets.chunks - before <= 3
+        before = sockets.chunks
+        for dev, ws in zip(devs[2:], delivering, strict=True):
+            await ws.send(
+                orjson.dumps({"type": "ack", "run_ids": [run_of[dev.device_id]]}).decode()
+            )
+
+        async def all_acked() -> bool:
+            c = (await api.get(f"/api/v1/commands/{cmd['id']}")).json()
+            return bool(c["counts"] == {"acked": 5, "queued": 2})
+
+        await eventually(all_acked, 5)
+        assert 1 <= sockets.chunks - before <= 5
+        # nothing more comes down a socket whose work is acknowledged
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(delivering[0].recv(), 0.3)
+    finally:
+        for ws in plain + delivering:
+            await ws.close()
+    await eventually(lambda: not sockets.open, 5)
+
+
 async def test_protocol_violations_close_with_the_right_code(api: Any, served: Served) -> None:
     dev = await api.new_device("wp")
     cases = [

@@ -98,6 +98,10 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,
+        # longer than the 5 s for which httpx (agents, CLI, simulator) keeps an idle
+        # connection: with equal limits the server could close one just as the client reuses
+        # it ("Server disconnected without sending a response", seen in B3)
+        timeout_keep_alive=settings.keep_alive_s,
         # the push socket without ASGI: a few hundred bytes per idle device (B4)
         ws=PushWireProtocol,
         **ssl,
