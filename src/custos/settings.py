@@ -273,6 +273,9 @@ class Settings(BaseSettings):
     # ask TLS clients for a certificate from the Custos CA (Windows-style DM clients prove
     # their identity with one); clients without a certificate are not affected
     omadm_client_certs: bool = True
+    # a DMAcc rotation sends the new secrets in the message body: only over TLS (the endpoint
+    # is https, or public_url is), unless this allows plain HTTP (test rigs only)
+    omadm_rotate_over_http: bool = False
 
     # --- diagnostics (`diagnose` runs and OMA DM DiagMon reports)
     # how many reports each device keeps (older ones are pruned as new ones arrive), and the

@@ -1,10 +1,9 @@
 """OMA DM limits and lockout, large Results, the client's limits for a whole session, URLs
-behind a proxy, and DMAcc credential rotation — on SQLite and PostgreSQL, with the test client.
+behind a proxy, DMAcc secrets read back — on SQLite and PostgreSQL, with the test client.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -411,139 +410,8 @@ async def test_resp_uri_and_download_links_use_the_public_url(settings: Any, tmp
         assert (replies[0].header.resp_uri or "").startswith("http://test/omadm?s=")
 
 
-# ---------------------------------------------------------------- DMAcc rotation
-
-
-async def _audit(api: Any) -> list[dict[str, Any]]:
-    r = await api.get("/api/v1/audit", params={"limit": 500})
-    assert r.status_code == 200, r.text
-    return r.json()["entries"]  # type: ignore[no-any-return]
-
-
-@pytest.mark.parametrize("method", ["md5", "hmac", "basic"])
-async def test_dmacc_rotation_gives_the_device_new_secrets(
-    api: Any, method: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.DEBUG)
-    created = await _enroll(api, auth=method, name="phone-r")
-    dm = account_client(api.http, created, URL, dmacc="srv1", wbxml=method == "md5")
-    # another server's account on the same device is left alone
-    dm.tree["./DMAcc/other/ServerID"] = "someone-else"
-    dm.tree["./DMAcc/other/AppAuth/a/AAuthLevel"] = "CLCRED"
-    dm.tree["./DMAcc/other/AppAuth/a/AAuthSecret"] = "theirs"
-    await dm.session()
-    old = (dm.client_password, dm.server_password)
-    r = await api.post("/api/v1/omadm/devices/phone-r/rotate", json={"notify": False})
-    assert r.status_code == 201, r.text
-    queued = r.json()
-    dm.session_id = "R1"
-    await dm.session()
-    assert dm.server_auth_ok is True
-    run = await _run(api, queued["command_id"])
-    assert run["state"] == "succeeded", run
-    # the device holds new secrets for both sides, only in this server's account
-    assert dm.client_password != old[0] and dm.server_password != old[1]
-    assert dm.tree["./DMAcc/srv1/AppAuth/cl/AAuthSecret"] == dm.client_password
-    assert dm.tree["./DMAcc/other/AppAuth/a/AAuthSecret"] == "theirs"
-    # the secrets are nowhere but on the device: not in the run, the logs or the audit log
-    text = str(run) + caplog.text + str(await _audit(api))
-    for secret in (dm.client_password, dm.server_password):
-        assert secret not in text
-    async with api.services.db.read() as s:
-        rows = (await s.scalars(select(OmadmSession.last_response))).all()
-    assert not any(dm.client_password.encode() in (b or b"") for b in rows)
-    assert any(e["action"] == "omadm.rotate" for e in await _audit(api))
-    # the next session authenticates with the new secrets (and checks the server's)
-    dm.session_id = "R2"
-    dm.server_auth_ok = None
-    replies = await dm.session()
-    assert DmClient.header_status(replies[0]).data == "212"
-    assert dm.server_auth_ok is True
-    # the old client secret no longer works
-    stale = account_client(
-        api.http, created, URL, client_password=old[0], client_nonce=dm.client_nonce
-    )
-    stale.session_id = "R3"
-    reply = await stale.send(stale.package1())
-    assert DmClient.header_status(reply).data == "401"
-
-
-async def test_a_refused_rotation_keeps_the_old_secrets(api: Any) -> None:
-    created = await _enroll(api, name="phone-s")
-    dm = account_client(api.http, created, URL, dmacc="srv1")
-    await dm.session()
-    old = dm.client_password
-    dm.fail_nodes.add("./DMAcc/srv1/AppAuth/srv/AAuthSecret")
-    r = await api.post("/api/v1/omadm/devices/phone-s/rotate", json={"notify": False})
-    assert r.status_code == 201, r.text
-    dm.session_id = "S1"
-    await dm.session()
-    run = await _run(api, r.json()["command_id"])
-    assert run["state"] == "failed"
-    assert "old ones stay" in run["error"] and "AAuthSecret: 500" in run["error"]
-    assert dm.client_password == old  # the device rolled the Atomic back
-    dm.session_id = "S2"
-    replies = await dm.session()
-    assert DmClient.header_status(replies[0]).data == "212"
-    # a device without an account for this server: the run fails with the reason
-    dm.tree["./DMAcc/srv1/ServerID"] = "not-us"
-    r = await api.post("/api/v1/omadm/devices/phone-s/rotate", json={"notify": False})
-    assert r.status_code == 201, r.text
-    dm.session_id = "S3"
-    await dm.session()
-    run = await _run(api, r.json()["command_id"])
-    assert run["state"] == "failed" and "ServerID" in run["error"]
-    # certificate accounts have nothing to rotate; helpdesk may not rotate
-    cert = await _enroll(api, dev_id="IMEI:2", auth="cert")
-    r = await api.post(f"/api/v1/omadm/devices/{cert['device_id']}/rotate")
-    assert r.status_code == 422 and "certificate" in r.text
-    r = await api.post(
-        "/api/v1/users",
-        json={"username": "hd", "password": "helpdesk-pw-12", "roles": ["helpdesk"]},
-    )
-    assert r.status_code == 201, r.text
-    r = await api.http.post(
-        "/api/v1/auth/login", json={"username": "hd", "password": "helpdesk-pw-12"}
-    )
-    helpdesk = {"authorization": f"Bearer {r.json()['token']}"}
-    r = await api.http.post("/api/v1/omadm/devices/phone-s/rotate", headers=helpdesk)
-    assert r.status_code == 403
-
-
-async def test_the_answer_with_new_secrets_is_stored_sealed_and_replayed(api: Any) -> None:
-    created = await _enroll(api, name="phone-t")
-    dm = account_client(api.http, created, URL, dmacc="srv1")
-    await dm.session()
-    r = await api.post("/api/v1/omadm/devices/phone-t/rotate", json={"notify": False})
-    assert r.status_code == 201, r.text
-    dm.session_id = "T1"
-    dm.msg_id = 0
-    reply = await dm.send(dm.package1())
-    for _ in range(6):
-        nxt = dm.respond(reply)
-        assert nxt is not None
-        body = codec.to_xml(m.build(nxt))
-        first = await api.http.post(dm.url, content=body, headers={"content-type": codec.XML_TYPE})
-        reply = m.parse(codec.parse_xml(first.content))
-        dm.log.append((nxt, reply))
-        if any(c.name == "Atomic" for c in reply.commands):
-            break
-    atomic = next(c for c in reply.commands if c.name == "Atomic")
-    secrets = [
-        c.items[0].data or "" for c in atomic.children if "AAuthSecret" in (c.items[0].target or "")
-    ]
-    assert len(secrets) == 2 and all(secrets)
-    async with api.services.db.read() as s:
-        row = await s.scalar(select(OmadmSession).where(OmadmSession.session_id == "T1"))
-    assert row is not None and row.last_response_type.startswith("sealed;")
-    assert not any(x.encode() in row.last_response for x in secrets)
-    # a retransmission of the client's message gets the same answer back, unsealed
-    again = await api.http.post(dm.url, content=body, headers={"content-type": codec.XML_TYPE})
-    assert again.content == first.content
-    assert again.headers["content-type"].startswith(codec.XML_TYPE)
-    while (nxt := dm.respond(reply)) is not None:
-        reply = await dm.send(nxt)
-    assert dm.client_password == secrets[0]
+# ---------------------------------------------------------------- DMAcc secrets read back
+# (the rotation itself: test_omadm_rotation.py)
 
 
 async def test_a_dm_account_secret_read_back_is_not_kept(api: Any) -> None:

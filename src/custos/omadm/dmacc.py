@@ -12,14 +12,28 @@ state (`state["rotate"]`), so the steps may reach different server processes:
 5. `replace`: one Atomic of Replaces of AAuthSecret and AAuthData (the nonce) in every
    CLCRED and SRVCRED node, with new generated secrets and nonces.
 
-The new secrets are kept sealed in the session state until the Atomic and all its Replaces
-are answered 200; only then are they written to the account (`commit`). Anything else ends
-the run failed with the reason and the old secrets in force. This module decides the steps;
-the session (service.py) sends them, seals the secrets and writes the account. No I/O.
+The new secrets are written (sealed) to the account's `rotation_*` columns as the Atomic is
+sent, and from then on both sets are accepted until the device settles which it holds:
+
+- it signs in with the new client secret (in any session): they become the account's, the
+  old ones are dropped, the run succeeds;
+- the Atomic is refused (any code but 200: an Atomic device has rolled back): the new ones are
+  dropped at once, the run fails;
+- every Status is 200 (`taken`): the run succeeds; the old ones are still accepted until the
+  device signs in with the new ones, and dropped if a later session signs in with the old;
+- a Status never comes, or the Atomic is 200 with a Replace missing or refused (`unknown`):
+  the run waits (`acked`) for the device's next sign-in, which decides as above (the old
+  secret: the run fails);
+- nobody signs in within PENDING_TTL: a `taken` rotation's secrets become the account's (the
+  device said it holds them), an `unknown` one's are dropped (the run fails).
+
+This module decides the steps and the outcome; the session (service.py) sends them, seals the
+secrets and writes the account. No I/O.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 ROOT = "./DMAcc"
@@ -28,6 +42,9 @@ PAYLOAD_VALUE = "dmacc"
 MAX_CHILDREN = 16  # DMAcc or AppAuth children looked at
 MAX_CREDS = 4  # CLCRED or SRVCRED nodes rewritten at most, each
 CLIENT_LEVEL, SERVER_LEVEL = "CLCRED", "SRVCRED"
+# how long secrets sent stay acceptable without the device signing in with either set
+PENDING_TTL = timedelta(days=7)
+TAKEN, REFUSED, UNKNOWN = "taken", "refused", "unknown"
 
 
 class RotationFailed(Exception):
@@ -94,8 +111,9 @@ def _answer(rot: dict[str, Any], target: str) -> tuple[str, str | None]:
 def advance(rot: dict[str, Any], server_id: str) -> bool:
     """Move on once every command of the phase is answered.
 
-    True when the Replaces succeeded (the caller commits); False when the next phase is
-    ready to be sent. RotationFailed when the rotation cannot go on.
+    True when the Replaces' Statuses are all in (or never will be) and do not refuse them
+    (the caller asks `outcome` which); False when the next phase is ready to be sent.
+    RotationFailed when the rotation cannot go on, the device's refusal included.
     """
     phase = rot["phase"]
     if phase == "list":
@@ -135,21 +153,40 @@ def advance(rot: dict[str, Any], server_id: str) -> bool:
             )
         rot["phase"] = "replace"
     elif phase == "replace":
-        refused = [
-            f"{op['target'] if op['verb'] == 'Atomic' else op['verb'] + ' ' + op['target']}: "
-            f"{op['status']}"
-            for op in rot["ops"]
-            if op["verb"] in ("Atomic", "Replace") and op["status"] != 200
-        ]
-        answered = [op for op in rot["ops"] if op["verb"] in ("Atomic", "Replace")]
-        if refused or not answered:
-            raise RotationFailed(
-                "the device did not take the new credentials; the old ones stay: "
-                + ("; ".join(refused[:6]) or "no answer")
-            )
-        return True
+        verdict, why = outcome(rot)
+        if verdict == REFUSED:
+            raise RotationFailed(why)
+        return True  # taken, or unknown: see outcome()
     rot["answers"] = {}
     return False
+
+
+def outcome(rot: dict[str, Any]) -> tuple[str, str]:
+    """What the device's Statuses say of the Replaces: TAKEN, REFUSED or UNKNOWN, and why.
+
+    A status of 0 is one that never came. Only a refused Atomic is definite: an Atomic
+    device applies all of its commands or none; anything short of all 200 but not that
+    leaves the device holding either set.
+    """
+    ops = [op for op in rot["ops"] if op["verb"] in ("Atomic", "Replace")]
+    atomic = [op["status"] for op in ops if op["verb"] == "Atomic"]
+    bad = "; ".join(
+        f"{op['target'] if op['verb'] == 'Atomic' else op['verb'] + ' ' + op['target']}: "
+        f"{op['status'] or 'no Status'}"
+        for op in ops
+        if op["status"] != 200
+    )
+    expected = 2 * (len(rot.get("cl", [])) + len(rot.get("srv", [])))
+    replaced = [op for op in ops if op["verb"] == "Replace"]
+    if atomic == [200] and len(replaced) >= expected and not bad:
+        return TAKEN, ""
+    if atomic and atomic[-1] not in (0, 200):
+        return REFUSED, f"the device did not take the new credentials; the old ones stay: {bad}"
+    return UNKNOWN, (
+        "the device's answer to the new credentials is incomplete ("
+        + (bad or "no answer")
+        + "); both sets are accepted until it signs in with one"
+    )
 
 
 def summary(rot: dict[str, Any]) -> str:

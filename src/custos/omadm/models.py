@@ -49,6 +49,17 @@ class OmadmAccount(Base):
     inventory_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_session_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # a DMAcc rotation's new secrets (sealed like the ones above) and nonces, from the moment
+    # they are sent until the device signs in with one set (omadm/dmacc.py): both sets are
+    # accepted meanwhile. rotation_run is the run that sent them, rotation_at when, and
+    # rotation_taken whether the device answered the Atomic and each Replace 200.
+    rotation_client_ha1_sealed: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    rotation_server_password_sealed: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    rotation_client_nonce: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    rotation_server_nonce: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    rotation_run: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    rotation_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    rotation_taken: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 
 
 class OmadmSession(Base):

@@ -627,13 +627,18 @@ class OmadmService:
             if account is None:
                 raise NotFound("not an OMA DM device")
             session_id = secrets.randbelow(0xFFFF) + 1
-            server_ha1 = auth.ha1(account.server_id, self._unseal(account.server_password_sealed))
+            sealed, nonce = account.server_password_sealed, account.server_nonce
+            if account.rotation_taken and account.rotation_server_password_sealed:
+                # the device said it took new DMAcc secrets: it checks the digest with them
+                sealed = account.rotation_server_password_sealed
+                nonce = account.rotation_server_nonce or nonce
+            server_ha1 = auth.ha1(account.server_id, self._unseal(sealed))
             data = notification.build(
                 notification.Notification(
                     server_id=account.server_id, session_id=session_id, ui_mode=ui_mode
                 ),
                 server_ha1,
-                auth.unb64(account.server_nonce),
+                auth.unb64(nonce),
             )
             account.notified_session = session_id
             account.notified_at = utcnow()
@@ -762,6 +767,8 @@ class _Session:
         self.waiting: dict[str, dict[str, Any]] = {}
         self.alerts: list[tuple[str, str, str | None, str | None]] = []
         self.software_done: list[tuple[dict[str, Any], RunResult]] = []
+        # DMAcc rotation runs left waiting for the device's next sign-in (run id, result)
+        self.rotation_parked: list[tuple[str, dict[str, Any]]] = []
         # this reply's header Status names the client's next nonce; the client's header
         # Status named this server's; this reply carries new DM secrets (DMAcc rotation)
         self.nonce_sent = False
@@ -879,6 +886,8 @@ class _Session:
                 # closed before new work is taken, or a run just answered would be sent again
                 await self.svc.commands.record_results(self.s, account.device_id, self.results)
                 self.results = []
+            if self.rotation_parked:
+                await self._rotation_park()  # (so too a rotation left waiting)
             if self.msg.final and not self.state.get("ended"):
                 await self._send_management()
         else:
@@ -895,6 +904,8 @@ class _Session:
             self.state["ended"] = True
         if self.results:
             await self.svc.commands.record_results(self.s, account.device_id, self.results)
+        if self.rotation_parked:
+            await self._rotation_park()
         if self.inventory:
             await self._apply_inventory()
         return self._finish(final, settings)
@@ -956,15 +967,19 @@ class _Session:
         assert account is not None and row is not None
         h = self.msg.header
         method = account.auth
-        # the account's secret and nonce; while this session rotates them (DMAcc), the new
-        # ones too: the device may already use what it was sent before its Status arrives
-        keys = [(self.svc._unseal(account.client_ha1_sealed), account.client_nonce)]
-        pending = (self.state.get("rotate") or {}).get("pending")
-        if pending:
-            new_ha1 = self.svc._unseal(pending["client_ha1"])
-            keys += [(new_ha1, account.client_nonce), (new_ha1, pending["client_nonce"])]
-        ok = False
+        # the account's secret and nonce; while a DMAcc rotation's new secret is pending, that
+        # one too (with either nonce): the device may hold either set (omadm/dmacc.py)
+        self._rotation_expire()
+        keys = [(self.svc._unseal(account.client_ha1_sealed), account.client_nonce, False)]
+        if account.rotation_client_ha1_sealed:
+            new_ha1 = self.svc._unseal(account.rotation_client_ha1_sealed)
+            keys.append((new_ha1, account.rotation_client_nonce or account.client_nonce, True))
+            if account.rotation_client_nonce not in (None, account.client_nonce):
+                keys.append((new_ha1, account.client_nonce, True))
+        # which of them verified: (is it the new secret, the nonce used)
+        matched: tuple[bool, str] | None = None
         given = h.cred is not None or self.peer.hmac is not None
+        ok = False
         if self.peer.client_cert_der is not None and self._cert_matches():
             ok, used = True, "cert"
         elif method == "cert":
@@ -973,29 +988,48 @@ class _Session:
             used = "hmac"
             if self.peer.hmac:
                 try:
-                    ok = any(
-                        auth.check_hmac(
-                            self.peer.hmac, account.client_name, ha1, auth.unb64(nonce), self.body
-                        )
-                        for ha1, nonce in keys
+                    matched = next(
+                        (
+                            (new, nonce)
+                            for ha1, nonce, new in keys
+                            if auth.check_hmac(
+                                self.peer.hmac,
+                                account.client_name,
+                                ha1,
+                                auth.unb64(nonce),
+                                self.body,
+                            )
+                        ),
+                        None,
                     )
                 except auth.AuthError:
-                    ok = False
+                    matched = None
         elif h.cred is not None:
             used = "md5" if h.cred.type == auth.AUTH_MD5 else "basic"
             try:
                 if used == "md5":
-                    ok = any(
-                        auth.check_md5(h.cred.data, ha1, auth.unb64(nonce)) for ha1, nonce in keys
+                    matched = next(
+                        (
+                            (new, nonce)
+                            for ha1, nonce, new in keys
+                            if auth.check_md5(h.cred.data, ha1, auth.unb64(nonce))
+                        ),
+                        None,
                     )
                 elif method == "basic":
-                    ok = any(
-                        auth.check_basic(h.cred.data, account.client_name, ha1) for ha1, _ in keys
+                    matched = next(
+                        (
+                            (new, nonce)
+                            for ha1, nonce, new in keys
+                            if auth.check_basic(h.cred.data, account.client_name, ha1)
+                        ),
+                        None,
                     )
             except auth.AuthError:
-                ok = False
+                matched = None
         else:
             used = method
+        ok = ok or matched is not None
         if not ok and not given and row.authenticated and row.auth_method in ("md5", "basic"):
             # later messages of a session need no credentials, but must come to the RespURI
             # this server gave: its token proves they come from whoever authenticated (a
@@ -1008,6 +1042,8 @@ class _Session:
             method
         )
         if ok:
+            if matched is not None:
+                self._rotation_signed_in(*matched)
             first = not row.authenticated
             row.authenticated = True
             row.auth_method = used
@@ -1254,6 +1290,9 @@ class _Session:
                 try:
                     auth.unb64(nonce)
                     account.server_nonce = nonce
+                    if account.rotation_server_password_sealed:
+                        # the device's latest word, whichever set it holds
+                        account.rotation_server_nonce = nonce
                     self.server_nonce_given = True
                 except auth.AuthError:
                     pass
@@ -1641,20 +1680,43 @@ class _Session:
         return True
 
     # -------------------------------------------------------------- DMAcc rotation
+    # (the states a rotation goes through are described in omadm/dmacc.py)
+
+    def _rotation_tls(self) -> bool:
+        """Whether new secrets may travel in this session's messages: only over TLS (the
+        endpoint as devices reach it, `public_url` behind a TLS proxy, is https), unless
+        `omadm_rotate_over_http` allows plain HTTP (test rigs)."""
+        url = self.peer.url.lower()
+        return url.startswith("https://") or self.svc.settings.omadm_rotate_over_http
 
     def _rotation_start(self, run: DeliveredCommand) -> bool:
         """Begin rotating the DM account's secrets (one rotation at a time per session)."""
-        assert self.account is not None
+        account = self.account
+        assert account is not None
         if self.state.get("rotate") or self.out.management:
             return False  # after the one under way; in a message of its own
-        if self.account.auth == "cert":
+        error = None
+        if account.auth == "cert":
+            error = "a certificate account has no DM secrets to rotate"
+        elif not self._rotation_tls():
+            error = (
+                "rotating DM account secrets needs TLS: the device reaches this server over "
+                "plain HTTP, and the new secrets travel in the message (set public_url to the "
+                "https:// address devices use behind a TLS proxy; omadm_rotate_over_http "
+                "allows it on test rigs)"
+            )
+        elif account.rotation_run == run.run_id:
+            # its secrets went out in a session that ended before their Statuses came
+            self.rotation_parked.append((run.run_id, {"rotated": None}))
+            return True
+        elif account.rotation_run:
+            error = (
+                "an earlier rotation's secrets are not settled yet (the device has signed in "
+                "with neither set since they were sent): try again after its next session"
+            )
+        if error is not None:
             self.results.append(
-                RunResult(
-                    run_id=run.run_id,
-                    state="failed",
-                    error="a certificate account has no DM secrets to rotate",
-                    finished_at=self.now,
-                )
+                RunResult(run_id=run.run_id, state="failed", error=error, finished_at=self.now)
             )
             return True
         self.state["rotate"] = dmacc.new_state(run.run_id)
@@ -1673,21 +1735,32 @@ class _Session:
                 self._expect(cmd.cmd_id, {"kind": "rot", "target": target})
             return
         if rot.get("pending"):
-            # sent, never answered in its package (the Statuses were lost): not again, as
-            # the device may hold either set now; the old one stays in force
-            self._rotation_end("the device did not answer the credential Replaces")
+            # sent, never answered in its package: not again, as the device may hold
+            # either set now; both stay accepted until it signs in with one
+            self._rotation_settle(rot, *dmacc.outcome(rot))
             return
-        assert self.account is not None
+        if not self._rotation_tls():
+            self._rotation_end(
+                "rotating DM account secrets needs TLS (this message came over HTTP)"
+            )
+            return
+        account = self.account
+        assert account is not None
         client_password, server_password = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
         # a nonce named in this reply's header Status is the one the client will hold
-        client_nonce = self.account.client_nonce if self.nonce_sent else auth.new_nonce()
+        client_nonce = account.client_nonce if self.nonce_sent else auth.new_nonce()
         server_nonce = auth.new_nonce()
-        rot["pending"] = {
-            "client_ha1": self.svc._seal(auth.ha1(self.account.client_name, client_password)),
-            "server_password": self.svc._seal(server_password),
-            "client_nonce": client_nonce,
-            "server_nonce": server_nonce,
-        }
+        # kept on the account from now on: the Statuses may never come (dmacc.py)
+        account.rotation_client_ha1_sealed = self.svc._seal(
+            auth.ha1(account.client_name, client_password)
+        )
+        account.rotation_server_password_sealed = self.svc._seal(server_password)
+        account.rotation_client_nonce = client_nonce
+        account.rotation_server_nonce = server_nonce
+        account.rotation_run, account.rotation_at = rot["run"], self.now
+        account.rotation_taken = False
+        rot["pending"] = True
+        self.state["rotation_run"] = rot["run"]  # the session that sent them
         wrap = m.Command(name="Atomic", cmd_id=self.out.cmd_id())
         for r in dmacc.replaces(
             rot, (client_password, client_nonce), (server_password, server_nonce)
@@ -1712,7 +1785,7 @@ class _Session:
             dmacc.record(rot, entry.get("target", ""), str(entry["status"]), entry.get("data"))
 
     def _rotation_advance(self) -> None:
-        """Once a step is fully answered: the next one, the commit, or the failure."""
+        """Once a step is fully answered: the next one, or the outcome."""
         rot = self.state.get("rotate")
         out = self.state.get("out", {})
         if rot is None or not rot.get("sent") or any(e.get("kind") == "rot" for e in out.values()):
@@ -1722,25 +1795,31 @@ class _Session:
         try:
             done = dmacc.advance(rot, self.account.server_id)
         except dmacc.RotationFailed as exc:
-            self._rotation_end(str(exc))
+            self._rotation_settle(rot, dmacc.REFUSED, str(exc))
             return
         if done:
-            self._rotation_commit(rot)
+            self._rotation_settle(rot, *dmacc.outcome(rot))
 
-    def _rotation_commit(self, rot: dict[str, Any]) -> None:
-        """The device took the new secrets: from now on only they are valid."""
+    def _rotation_settle(self, rot: dict[str, Any], verdict: str, why: str) -> None:
+        """What the Replaces' Statuses (or their absence) mean for the run and the account."""
         account = self.account
         assert account is not None
-        pending = rot["pending"]
-        account.client_ha1_sealed = pending["client_ha1"]
-        account.server_password_sealed = pending["server_password"]
-        if not self.nonce_sent:
-            # (a NextNonce in this reply's header Status supersedes the one in AAuthData)
-            account.client_nonce = pending["client_nonce"]
-        if not self.server_nonce_given:
-            account.server_nonce = pending["server_nonce"]
-        log.info("omadm %s: DM account secrets rotated (DMAcc)", account.dev_id)
-        self._rotation_end(None)
+        mine = account.rotation_run == rot["run"]
+        if rot.get("final") or verdict == dmacc.TAKEN:
+            # (final: the device already signed in with the new secret, whatever it says)
+            if mine:
+                account.rotation_taken = True
+            self._rotation_end(None)
+        elif verdict == dmacc.REFUSED or not mine:
+            if mine:
+                self._rotation_clear()  # an Atomic device rolled back: it holds the old set
+            self._rotation_end(why)
+        else:
+            self.state.pop("rotate")
+            log.info("omadm %s: DMAcc rotation unsettled: %s", account.dev_id, why)
+            self.rotation_parked.append(
+                (rot["run"], {"ops": rot.get("ops", [])[:100], "rotated": None, "why": why})
+            )
 
     def _rotation_end(self, error: str | None) -> None:
         rot = self.state.pop("rotate")
@@ -1759,6 +1838,122 @@ class _Session:
                 result={"ops": ops[:100], "rotated": error is None},
             )
         )
+
+    def _rotation_clear(self) -> None:
+        """No secrets pending any more."""
+        account = self.account
+        assert account is not None
+        account.rotation_client_ha1_sealed = account.rotation_server_password_sealed = None
+        account.rotation_client_nonce = account.rotation_server_nonce = None
+        account.rotation_run, account.rotation_at, account.rotation_taken = None, None, None
+
+    def _rotation_close(self, run_id: str | None, error: str | None) -> None:
+        """Close a rotation's run that may still be waiting (a closed one stays as it is)."""
+        if run_id:
+            self.results.append(
+                RunResult(
+                    run_id=run_id,
+                    state="failed" if error else "succeeded",
+                    exit_code=1 if error else 0,
+                    stdout="" if error else "the device signed in with its new DM secrets",
+                    error=error,
+                    finished_at=self.now,
+                    result={"rotated": error is None},
+                )
+            )
+
+    def _rotation_adopt(self, client_nonce: str | None) -> None:
+        """The pending secrets become the account's; the old ones are dropped."""
+        account = self.account
+        assert account is not None
+        assert account.rotation_client_ha1_sealed and account.rotation_server_password_sealed
+        account.client_ha1_sealed = account.rotation_client_ha1_sealed
+        account.server_password_sealed = account.rotation_server_password_sealed
+        account.client_nonce = client_nonce or account.rotation_client_nonce or account.client_nonce
+        account.server_nonce = account.rotation_server_nonce or account.server_nonce
+        self._rotation_clear()
+
+    def _rotation_signed_in(self, new: bool, nonce: str) -> None:
+        """The device signed in with the pending (new) or the account's (old) secret."""
+        account = self.account
+        assert account is not None
+        run = account.rotation_run
+        if not run:
+            return
+        if new:
+            self._rotation_adopt(nonce)
+            log.info("omadm %s: DM account secrets rotated (DMAcc)", account.dev_id)
+            rot = self.state.get("rotate")
+            if rot is not None and rot.get("run") == run:
+                rot["final"] = True  # its Statuses close the run
+            else:
+                self._rotation_close(run, None)
+        elif self.state.get("rotation_run") != run:
+            # a later session with the old secret: the device does not hold the new ones (in
+            # the session that sent them, a message may still carry what it had before)
+            taken = account.rotation_taken
+            self._rotation_clear()
+            log.warning(
+                "omadm %s: the device signed in with its old DM secrets; the new ones are dropped",
+                account.dev_id,
+            )
+            if not taken:
+                self._rotation_close(
+                    run,
+                    "the device signed in with its old DM account secrets: it did not take the "
+                    "new ones, which are dropped",
+                )
+
+    def _rotation_expire(self) -> None:
+        """Secrets pending for PENDING_TTL with no sign-in: settled by what the device said."""
+        account = self.account
+        assert account is not None
+        if account.rotation_at is None or account.rotation_at > self.now - dmacc.PENDING_TTL:
+            return
+        run = account.rotation_run
+        if account.rotation_taken:
+            # every Status was 200 and no session since: the device holds the new set
+            self._rotation_adopt(None)
+            log.info("omadm %s: DM account secrets rotated (DMAcc, by expiry)", account.dev_id)
+            return
+        self._rotation_clear()
+        log.info("omadm %s: pending DM secrets expired, the old ones stay", account.dev_id)
+        self._rotation_close(
+            run,
+            "the device did not sign in within "
+            f"{dmacc.PENDING_TTL.days} days of the new DM account secrets; the old ones stay",
+        )
+
+    async def _rotation_park(self) -> None:
+        """Runs whose outcome waits for the device's next sign-in: `acked` until then."""
+        from custos.commands.models import CommandRun
+
+        assert self.account is not None
+        for run_id, result in self.rotation_parked:
+            await self.s.execute(
+                update(CommandRun)
+                .where(
+                    CommandRun.id == run_id,
+                    CommandRun.device_id == self.account.device_id,
+                    CommandRun.state.in_(("queued", "sent", "acked")),
+                )
+                .values(state="acked", result={**result, "waiting_for_sign_in": True})
+            )
+        self.rotation_parked = []
+
+    def _server_secret(self) -> tuple[str, str]:
+        """The server password (sealed) and nonce the device expects: the new ones in the
+        session where it has just taken them, else the account's (a device that signs in with
+        the new client secret makes them the account's)."""
+        a = self.account
+        assert a is not None
+        if (
+            a.rotation_taken
+            and a.rotation_server_password_sealed
+            and self.state.get("rotation_run") == a.rotation_run
+        ):
+            return a.rotation_server_password_sealed, a.rotation_server_nonce or a.server_nonce
+        return a.server_password_sealed, a.server_nonce
 
     def _fumo_ops(self, run: DeliveredCommand) -> tuple[list[dict[str, Any]] | None, str]:
         """A firmware image as FUMO: its name, version and a download link for this device
@@ -1861,22 +2056,19 @@ class _Session:
         assert account is not None
         if self.state.get("server_authenticated") or not self.accepted:
             return None  # never to a message that did not authenticate
+        sealed, nonce = self._server_secret()
         if account.auth == "md5":
-            server_ha1 = auth.ha1(
-                account.server_id, self.svc._unseal(account.server_password_sealed)
-            )
+            server_ha1 = auth.ha1(account.server_id, self.svc._unseal(sealed))
             return m.Cred(
                 type=auth.AUTH_MD5,
                 format="b64",
-                data=auth.md5_digest(server_ha1, auth.unb64(account.server_nonce)),
+                data=auth.md5_digest(server_ha1, auth.unb64(nonce)),
             )
         if account.auth == "basic":
             return m.Cred(
                 type=auth.AUTH_BASIC,
                 format="b64",
-                data=auth.basic(
-                    account.server_id, self.svc._unseal(account.server_password_sealed)
-                ),
+                data=auth.basic(account.server_id, self.svc._unseal(sealed)),
             )
         return None
 
@@ -1912,10 +2104,9 @@ class _Session:
         body = codec.encode(root, self.kind)
         headers: dict[str, str] = {}
         if account.auth == "hmac":
-            server_ha1 = auth.ha1(
-                account.server_id, self.svc._unseal(account.server_password_sealed)
-            )
-            mac = auth.hmac_mac(server_ha1, auth.unb64(account.server_nonce), body)
+            sealed, nonce = self._server_secret()
+            server_ha1 = auth.ha1(account.server_id, self.svc._unseal(sealed))
+            mac = auth.hmac_mac(server_ha1, auth.unb64(nonce), body)
             headers["x-syncml-hmac"] = auth.hmac_header(account.server_id, mac)
         if self.keep_row:
             return Reply(200, body, self.kind, headers)
