@@ -137,7 +137,9 @@ async def test_large_objects_in_flight_are_capped_in_number_and_bytes(settings: 
         assert [codes["200"], codes["201"], codes["202"]] == ["213", "213", "413"]
         state = await _session_state(api, created, dm.session_id)
         held = sum(len(k) + len(v["data"]) for k, v in state["chunks"].items())
-        assert held <= 6000 and "in:./Vendor/Obj2" not in state["chunks"]
+        assert held <= 6000
+        # what was refused is remembered (nothing of it kept), so its later pieces are too
+        assert state["chunks"]["in:./Vendor/Obj2"] == {"data": "", "size": None, "refused": True}
 
 
 # ---------------------------------------------------------------- 2. WBXML expansion
@@ -461,3 +463,62 @@ async def test_a_dm_account_secret_read_back_is_not_kept(api: Any) -> None:
     assert "srv1" in values[1] and "legacy" in values[1], values
     inventory = (await api.get(f"/api/v1/devices/{device}")).json()["inventory"]
     assert dm.client_password not in str(run) + str(inventory)
+
+
+async def test_the_rest_of_a_refused_object_is_refused_too(settings: Any) -> None:
+    async with _app(settings, omadm_max_obj_size=3000) as api:
+        created = await _enroll(api)
+        dm = account_client(api.http, created, URL)
+        first = dm.package1()
+        first.commands.append(
+            m.Command(
+                name="Replace",
+                cmd_id="100",
+                items=[m.Item(source="./Vendor/Big", data="a" * 3500, more_data=True)],
+            )
+        )
+        first.final = False
+        assert _codes(await dm.send(first))["100"] == "413"
+        # its further pieces are not a new object: refused until the last one
+        for cmd_id, more in (("200", True), ("201", False)):
+            msg = m.Message(
+                header=dm.header(cred=False),
+                commands=[
+                    m.Command(
+                        name="Replace",
+                        cmd_id=cmd_id,
+                        items=[m.Item(source="./Vendor/Big", data="tail", more_data=more)],
+                    )
+                ],
+                final=not more,
+            )
+            assert _codes(await dm.send(msg))[cmd_id] == "413", cmd_id
+        state = await _session_state(api, created, dm.session_id)
+        assert not state.get("chunks")
+        inventory = (await api.get(f"/api/v1/devices/{created['device_id']}")).json()["inventory"]
+        assert "dm/Vendor/Big" not in inventory
+        # and the next object under that name is taken as usual
+        msg = m.Message(
+            header=dm.header(cred=False),
+            commands=[
+                m.Command(
+                    name="Replace", cmd_id="300", items=[m.Item(source="./Vendor/Big", data="ok")]
+                )
+            ],
+        )
+        assert _codes(await dm.send(msg))["300"] == "200"
+
+
+async def test_a_run_too_big_for_any_message_fails_instead_of_waiting_forever(api: Any) -> None:
+    created = await _enroll(api)
+    dm = account_client(api.http, created, URL, max_msg_size=2048)
+    await dm.session()
+    many = [{"verb": "Get", "target": f"./Vendor/Acme/Setting{i:03d}/Value"} for i in range(40)]
+    q = await _queue(api, created["device_id"], many)
+    small = await _queue(api, created["device_id"], [{"verb": "Get", "target": "./DevInfo/Man"}])
+    dm.session_id = "91"
+    await dm.session()
+    run = await _run(api, q["command_id"])
+    assert run["state"] == "failed" and "MaxMsgSize" in run["error"], run
+    # the device's queue is not blocked behind it
+    assert (await _run(api, small["command_id"]))["state"] == "succeeded"

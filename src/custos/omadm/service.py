@@ -179,12 +179,12 @@ ACCOUNT_PLAIN_LEAVES = frozenset(
      "conref", "aauthlevel", "aauthtype", "aauthname", "authpref", "prefauthtype", "username",
      "servername", "ext", "appaddr", "port", "appauth"}
 )  # fmt: skip
-_ACCOUNT_TREE = re.compile(r"(^|/)(DMAcc|DMClient)(/|\?|$)", re.IGNORECASE)
+_ACCOUNT_TREE = re.compile(r"(^|/)DMAcc(/|\?|$)", re.IGNORECASE)
 
 
 def _secret_value(asked: str, uri: str, fmt: str | None) -> bool:
     """Whether a value read from the device may hold a DM account secret: a credential leaf
-    anywhere, or anything under the account subtree (DMAcc, DMClient) that is not a plain
+    anywhere, or anything under the account subtree (DMAcc) that is not a plain
     leaf or a bare list of child names. Judged on what we asked for as well as on the Source
     the device names, so `?list=` forms and interior Gets are covered."""
     for u in (asked, uri):
@@ -216,18 +216,27 @@ class Who(Protocol):
 
 # node subtrees that node operations reach only with more than commands.run: lock and wipe
 # (LAWMO, Windows' RemoteWipe/RemoteLock) as the lost-device actions need, and the DM account
-# (DMAcc; Windows' DMClient), whose address and server secret would move the device to
-# another server, and whose values hold its secrets
-GUARDED: tuple[tuple[re.Pattern[str], tuple[str, ...], str], ...] = (
+# (DMAcc), whose address and server secret would move the device to another server and whose
+# values hold its secrets; Windows' DMClient (server addresses, no secrets) only for writes
+# (pattern, reads too, permissions, what it guards)
+GUARDED: tuple[tuple[re.Pattern[str], bool, tuple[str, ...], str], ...] = (
     (
         re.compile(r"(^|/)(LAWMO|RemoteWipe|RemoteLock)(/|\?|$)", re.IGNORECASE),
+        True,
         ("devices.lock", "devices.wipe"),
         "lock and wipe nodes (LAWMO, RemoteWipe, RemoteLock)",
     ),
     (
-        re.compile(r"(^|/)(DMAcc|DMClient)(/|\?|$)", re.IGNORECASE),
+        re.compile(r"(^|/)DMAcc(/|\?|$)", re.IGNORECASE),
+        True,
         ("devices.manage",),
-        "DM account nodes (DMAcc, DMClient)",
+        "DM account nodes (DMAcc)",
+    ),
+    (
+        re.compile(r"(^|/)DMClient(/|\?|$)", re.IGNORECASE),
+        False,
+        ("devices.manage",),
+        "changes to DM client nodes (DMClient)",
     ),
 )
 
@@ -235,9 +244,13 @@ GUARDED: tuple[tuple[re.Pattern[str], tuple[str, ...], str], ...] = (
 def guarded_needs(ops: list[NodeOp]) -> list[tuple[tuple[str, ...], str]]:
     """The extra permissions these operations need: (permissions, what they guard)."""
     out = []
-    for pattern, perms, what in GUARDED:
-        if any(pattern.search(u) for op in ops for u in (op.target, op.source or "") if u):
-            out.append((perms, what))
+    for pattern, reads, perms, what in GUARDED:
+        for op in ops:
+            # a Copy reads its source and writes its target
+            uris = [(op.target, op.verb != "Get"), (op.source or "", False)]
+            if any(u and (reads or write) and pattern.search(u) for u, write in uris):
+                out.append((perms, what))
+                break
     return out
 
 
@@ -1179,6 +1192,11 @@ class _Session:
         """
         chunks = self.state.setdefault("chunks", {})
         held = chunks.get(key)
+        if held is not None and held.get("refused"):
+            # the rest of an object already refused is not a new object
+            if not item.more_data:
+                chunks.pop(key, None)
+            raise ValueError("large")
         if held is None and not item.more_data:
             return item.data or ""  # the common case: one whole value
         so_far = (held["data"] if held else "") + (item.data or "")
@@ -1196,6 +1214,8 @@ class _Session:
             or (held is None and len(chunks) >= MAX_CHUNKED_OBJECTS)
         ):
             chunks.pop(key, None)
+            if item.more_data and len(key) <= MAX_CHUNK_KEY and len(chunks) < MAX_CHUNKED_OBJECTS:
+                chunks[key] = {"data": "", "size": None, "refused": True}
             raise ValueError("large")
         if item.more_data:
             chunks[key] = {"data": so_far, "size": size}
@@ -1657,6 +1677,20 @@ class _Session:
                 del self.out.elements[saved[0] :]
                 self.out.size, self.out.management = saved[1], saved[2]
                 self.out.next_id = before
+                if saved[2] == 0:
+                    # alone in a message and still too big: it would wait forever, and the
+                    # device's later work behind it
+                    self.results.append(
+                        RunResult(
+                            run_id=run.run_id,
+                            state="failed",
+                            error=f"its {len(ops)} commands do not fit in one message of the "
+                            f"device's MaxMsgSize ({self.out.limit} bytes): queue fewer "
+                            "operations per run",
+                            finished_at=self.now,
+                        )
+                    )
+                    return True
                 return False
         runs = self.state.setdefault("runs", {})
         runs[run.run_id] = {
