@@ -522,3 +522,63 @@ async def test_a_run_too_big_for_any_message_fails_instead_of_waiting_forever(ap
     assert run["state"] == "failed" and "MaxMsgSize" in run["error"], run
     # the device's queue is not blocked behind it
     assert (await _run(api, small["command_id"]))["state"] == "succeeded"
+
+
+# ------------------------------------------------- found re-running libdmclient (2026-11-24)
+
+
+async def test_a_new_session_reusing_a_session_id_after_a_challenge_goes_on(api: Any) -> None:
+    # libdmclient always says SessionID 1 and starts md5 with no nonce: its message 1 is
+    # challenged (and not stored), so its message 2 meets the previous session's row
+    created = await _enroll(api)
+    dm = account_client(api.http, created, URL)
+    dm.session_id = "1"
+    await dm.session()  # several messages: the row is kept, ended
+    q = await _queue(api, created["device_id"], [{"verb": "Get", "target": "./DevInfo/Man"}])
+    dm.msg_id = 0
+    good_nonce, dm.client_nonce = dm.client_nonce, "AAAAAAAAAAAAAAAA"
+    reply = await dm.send(dm.package1())
+    status = DmClient.header_status(reply)
+    assert status.data == "401" and status.chal is not None
+    dm.client_nonce = status.chal.next_nonce or good_nonce
+    reply = await dm.send(dm.package1())  # MsgID 2, the right Cred
+    assert DmClient.header_status(reply).data == "212"
+    for _ in range(10):
+        nxt = dm.respond(reply)
+        if nxt is None:
+            break
+        reply = await dm.send(nxt)
+    assert (await _run(api, q["command_id"]))["state"] == "succeeded"
+
+
+async def test_work_the_device_refused_with_our_cred_is_sent_again(api: Any) -> None:
+    # libdmclient refuses this server's Cred when its stored nonce moved on: it answers the
+    # header and every command 401 with a Chal, and runs none of them
+    created = await _enroll(api)
+    dm = account_client(api.http, created, URL)
+    await dm.session()
+    q = await _queue(api, created["device_id"], [{"verb": "Get", "target": "./DevInfo/Mod"}])
+    dm.session_id = "2"
+    dm.msg_id = 0
+    reply = await dm.send(dm.package1())
+    assert any(c.name == "Get" for c in reply.commands)
+    nxt = dm.respond(reply)
+    assert nxt is not None
+    for c in nxt.commands:
+        if c.name == "Status":
+            c.data = "401"
+            c.items = []
+        if c.name == "Status" and c.cmd == "SyncHdr":
+            c.chal = m.Meta(type="syncml:auth-md5", format="b64", next_nonce=dm.server_nonce)
+    nxt.commands = [c for c in nxt.commands if c.name == "Status"]
+    reply = await dm.send(nxt)
+    # sent again, with the server's Cred, and this time answered
+    assert any(c.name == "Get" for c in reply.commands), reply.commands
+    for _ in range(10):
+        nxt = dm.respond(reply)
+        if nxt is None:
+            break
+        reply = await dm.send(nxt)
+    run = await _run(api, q["command_id"])
+    assert run["state"] == "succeeded", run
+    assert run["result"]["ops"][0]["data"] == dm.tree["./DevInfo/Mod"]

@@ -16,6 +16,7 @@ import base64
 import copy
 import hashlib
 import hmac
+import json
 import logging
 import re
 import secrets
@@ -252,6 +253,12 @@ def guarded_needs(ops: list[NodeOp]) -> list[tuple[tuple[str, ...], str]]:
                 out.append((perms, what))
                 break
     return out
+
+
+# a run the device refused with 401/407 (it did not accept this server's credentials) is
+# sent once more; only runs this small are kept for that, and only this many per session
+RESEND_LIMIT = 16 * 1024
+MAX_RESENT = 50
 
 
 def inventory_key(uri: str) -> str:
@@ -936,13 +943,20 @@ class _Session:
             )
             .with_for_update()
         )
+        # a SessionID is reused by a new session (libdmclient always says 1): a message that
+        # is not an exact retransmission of what the stored session saw last starts over when
+        # its MsgID is not past the stored one, or when it opens a session (Alert 1200/1201)
+        # after the stored one ended. The new session's message 1 may have been challenged
+        # and so not stored: then it is its message 2 that meets the old row.
+        opens = any(
+            c.name == "Alert" and c.data in (ALERT_CLIENT_INITIATED, ALERT_SERVER_INITIATED)
+            for c in self.msg.commands
+        )
         stale = row is not None and (
             row.updated_at < self.now - timedelta(seconds=self.svc.settings.omadm_session_ttl_s)
-            or (row.ended and self.msg_no == 1)
             or (
-                self.msg_no == 1
-                and row.client_msg_id >= 1
-                and row.last_request_sha != hashlib.sha256(self.body).hexdigest()
+                row.last_request_sha != hashlib.sha256(self.body).hexdigest()
+                and (self.msg_no <= row.client_msg_id or (row.ended and opens))
             )
         )
         if row is not None and stale:
@@ -1390,6 +1404,13 @@ class _Session:
             if any("status" not in op for op in run["ops"]):
                 continue
             runs.pop(run_id)
+            again = run.pop("cmd", None)
+            if again is not None and any(op["status"] in (401, 407) for op in run["ops"]):
+                # the device refused this server's credentials, so it ran none of it: sent
+                # once more in this session, after the credentials are settled
+                self.state.setdefault("resent", []).append(run_id)
+                self.state.setdefault("later", []).append(again)
+                continue
             if any(op["status"] == ACCEPTED and op["verb"] == "Exec" for op in run["ops"]):
                 # accepted for asynchronous processing: the result comes in a Generic Alert
                 self.waiting[run_id] = run
@@ -1507,10 +1528,16 @@ class _Session:
             work = await self.svc.commands.take_pending(
                 self.s, account.device_id, MAX_RUNS_PER_MESSAGE
             )
+        resent = self.state.get("resent", [])
         for i, run in enumerate(work):
             if not self._deliver(run):
                 self.state["later"] = [w.model_dump(mode="json") for w in work[i:]]
                 break
+            held = self.state.get("runs", {}).get(run.run_id)
+            if held is not None and run.run_id not in resent and len(resent) < MAX_RESENT:
+                dumped = run.model_dump(mode="json")
+                if len(json.dumps(dumped)) <= RESEND_LIMIT:
+                    held["cmd"] = dumped  # to send again should the device refuse our Cred
 
     def _next_chunk(self) -> None:
         """The next piece of a large object: MoreData on all but the last; Size on the first."""
