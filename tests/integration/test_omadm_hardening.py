@@ -378,6 +378,8 @@ async def test_an_object_larger_than_the_clients_max_obj_size_is_not_streamed(ap
 async def test_resp_uri_and_download_links_use_the_public_url(settings: Any, tmp_path: Any) -> None:
     async with _app(settings, public_url="https://mdm.example.com/") as api:
         created = await _enroll(api, name="router-9")
+        # the registration answer names the address devices use
+        assert created["server_url"] == "https://mdm.example.com/omadm"
         dm = account_client(api.http, created, URL)
         replies = await dm.session()
         assert replies[0].header.resp_uri is not None

@@ -455,7 +455,13 @@ class OmadmService:
             name=name,
             auth=req.auth,
             server_id=self.settings.omadm_server_id,
-            server_url=self.settings.omadm_path,
+            # absolute when the server knows how devices reach it; else the path, which the
+            # CLI and console complete with the address the administrator used
+            server_url=(
+                self.settings.public_url.rstrip("/") + self.settings.omadm_path
+                if self.settings.public_url
+                else self.settings.omadm_path
+            ),
             client_name=client_name,
             client_password=client_password,
             server_password=server_password,
