@@ -4,8 +4,6 @@ behind a proxy, DMAcc secrets read back — on SQLite and PostgreSQL, with the t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -13,6 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
+from app_harness import running_api
 from custos.db.base import utcnow
 from custos.omadm import codec, wbxml
 from custos.omadm import message as m
@@ -22,42 +21,7 @@ from omadm_client import DmClient, account_client
 URL = "http://test/omadm"
 
 
-class _Api:
-    """The app and an admin's client (what these tests use of conftest's `api`)."""
-
-    def __init__(self, app: Any, http: httpx.AsyncClient, token: str) -> None:
-        self.app, self.http, self.token = app, http, token
-
-    @property
-    def services(self) -> Any:
-        return self.app.state.services
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.token}"}
-
-    async def get(self, path: str, **kw: Any) -> httpx.Response:
-        return await self.http.get(path, headers=self.auth, **kw)
-
-    async def post(self, path: str, json: Any = None, **kw: Any) -> httpx.Response:
-        return await self.http.post(path, json=json, headers=self.auth, **kw)
-
-
-@asynccontextmanager
-async def _app(settings: Any, **changes: Any) -> AsyncIterator[_Api]:
-    """The app with some settings changed, an admin logged in."""
-    from custos.server.app import create_app
-
-    app = create_app(settings.model_copy(update=changes))
-    password = settings.admin_password.get_secret_value()
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            r = await http.post(
-                "/api/v1/auth/login", json={"username": "admin", "password": password}
-            )
-            assert r.status_code == 200, r.text
-            yield _Api(app, http, r.json()["token"])
+_app = running_api  # the app with some settings changed, an admin logged in
 
 
 async def _enroll(api: Any, dev_id: str = "IMEI:356938035643809", **body: Any) -> dict[str, Any]:
