@@ -228,7 +228,7 @@ GUARDED: tuple[tuple[re.Pattern[str], bool, tuple[str, ...], str], ...] = (
         "lock and wipe nodes (LAWMO, RemoteWipe, RemoteLock)",
     ),
     (
-        re.compile(r"(^|/)DMAcc(/|\?|$)", re.IGNORECASE),
+        _ACCOUNT_TREE,
         True,
         ("devices.manage",),
         "DM account nodes (DMAcc)",
@@ -775,6 +775,7 @@ class _Session:
         self.msg = msg
         self.msg_no = msg_no
         self.body = body
+        self.body_sha = hashlib.sha256(body).hexdigest()  # retransmissions, SessionID reuse
         self.kind = kind
         self.peer = peer
         self.now = utcnow()
@@ -846,7 +847,7 @@ class _Session:
         await self._load_row()
         row = self.row
         assert row is not None
-        sha = hashlib.sha256(self.body).hexdigest()
+        sha = self.body_sha
         token = str((row.state or {}).get("resp_token", ""))
         same_channel = (
             not token
@@ -961,7 +962,7 @@ class _Session:
         stale = row is not None and (
             row.updated_at < self.now - timedelta(seconds=self.svc.settings.omadm_session_ttl_s)
             or (
-                row.last_request_sha != hashlib.sha256(self.body).hexdigest()
+                row.last_request_sha != self.body_sha
                 and (self.msg_no <= row.client_msg_id or (row.ended and opens))
             )
         )
@@ -2184,7 +2185,7 @@ class _Session:
             # a session over in its first message is never read again: not stored
             self.s.add(row)
         row.updated_at = self.now
-        row.last_request_sha = hashlib.sha256(self.body).hexdigest()
+        row.last_request_sha = self.body_sha
         row.last_response = body
         row.last_response_type = self.kind
         if self.sensitive:
