@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Request
@@ -212,7 +212,8 @@ async def omadm_node_op(
     )  # fmt: skip
 
 
-ALERT_KINDS = ("display", "confirm", "input", "single", "multi")  # labels: _device_omadm.html
+# the kinds UserAlert takes (their labels: _device_omadm.html)
+ALERT_KINDS: tuple[str, ...] = get_args(UserAlert.model_fields["kind"].annotation)
 
 
 def _alert_request(kind: str, text: str, choices: str, default: str) -> UserAlert:
